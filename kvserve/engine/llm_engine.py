@@ -1,0 +1,299 @@
+"""The engine: add requests, step, read outputs. One step = schedule -> run -> postprocess."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from kvserve.engine.model_runner import ModelRunner
+from kvserve.engine.sampler import Sampler
+from kvserve.engine.scheduler import Scheduler
+from kvserve.kv.block_pool import BlockPool
+from kvserve.kv.manager import KVCacheManager, cdiv
+from kvserve.kv.spec import KVSpec, format_bytes
+from kvserve.kv.storage import KVCache
+from kvserve.models.decoder import Decoder
+from kvserve.models.loader import DEFAULT_MODEL, load_tokenizer, load_weights, resolve_model
+from kvserve.request import CompletionOutput, Request, RequestOutput, RequestStatus
+from kvserve.sampling_params import SamplingParams
+
+log = logging.getLogger("kvserve")
+
+DEFAULT_KV_CACHE_MEMORY = 1 << 30  # paged pool: 1 GiB unless told otherwise
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls are fast only with AVX512_BF16 / AMX; on AVX2 they are ~8x slower than fp32."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    return device
+
+
+@dataclass
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    dtype: str | torch.dtype = "auto"
+    device: str | None = None
+    quantization: str | None = None  # None | "int8" (weight-only)
+    seed: int | None = None
+    max_model_len: int | None = None  # default: the model's context length
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig | None = None  # max_model_len is filled in from the model when None
+
+
+def plan_kv_pool(spec: KVSpec, cache: CacheConfig, sched: SchedulerConfig) -> tuple[int, int]:
+    """(num_blocks including the null block, block_size) for this configuration; raises when one
+    max-length sequence cannot fit."""
+    if cache.kv_cache == "contiguous":
+        # one max_model_len block per sequence slot, plus the null block
+        return sched.max_num_seqs + 1, sched.max_model_len
+    bs = cache.block_size
+    if cache.num_kv_blocks is not None:
+        num_blocks = cache.num_kv_blocks
+    else:
+        num_blocks = spec.blocks_for_budget(cache.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY, bs)
+    need = cdiv(sched.max_model_len, bs)
+    if num_blocks - 1 < need:
+        longest = (num_blocks - 1) * bs
+        raise ValueError(
+            f"the KV cache ({num_blocks - 1} blocks of {bs} tokens = {longest} tokens, "
+            f"{format_bytes((num_blocks - 1) * spec.block_bytes(bs))}) cannot hold one sequence of max_model_len="
+            f"{sched.max_model_len} tokens ({need} blocks). Raise kv_cache_memory / num_kv_blocks, or set "
+            f"max_model_len <= {longest}."
+        )
+    return num_blocks, bs
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        t0 = time.perf_counter()
+        src = resolve_model(config.model)
+        self.model_config: ModelConfig
+        self.model_config, weights = load_weights(src, self.dtype)
+        self.tokenizer = load_tokenizer(src)
+        cfg = self.model_config
+        max_len = config.max_model_len or cfg.max_position_embeddings
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_len} is longer than the model's context ({cfg.max_position_embeddings})")
+        sched = config.scheduler or SchedulerConfig()
+        sched.max_model_len = max_len
+        cache = config.cache
+        if cache.kv_cache == "off":
+            sched.enable_chunked_prefill = False  # a chunk would be forgotten before its end is reached
+        sched.__post_init__()
+        self.scheduler_config = sched
+        self.model = Decoder(cfg, weights, self.dtype, self.device, config.quantization, max_positions=max_len)
+        del weights
+        self.kv_spec = KVSpec.from_model(cfg, cache.kv_cache_dtype or self.dtype)
+        num_blocks, block_size = plan_kv_pool(self.kv_spec, cache, sched)
+        self.kv_cache = KVCache(self.kv_spec, num_blocks, block_size, self.device)
+        self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size)
+        self.scheduler = Scheduler(sched, cache, self.kv_manager, self.kv_cache)
+        eos = set(cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(self.eos_token_ids, config.seed))
+        self.requests: dict[str, Request] = {}  # live requests (children for n > 1)
+        self.parents: dict[str, list[Request]] = {}  # user-facing request id -> its n samples
+        self._ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self.load_seconds = time.perf_counter() - t0
+        log.info(
+            "KV cache: %s, %d blocks x %d tokens = %d tokens, %s (%s), %s per token",
+            cache.kv_cache, num_blocks - 1, block_size, (num_blocks - 1) * block_size,
+            format_bytes(self.kv_cache.nbytes), str(self.kv_spec.dtype).removeprefix("torch."),
+            format_bytes(self.kv_spec.bytes_per_token),
+        )
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler_config.max_model_len
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def add_request(
+        self,
+        prompt: str | list[int] | None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        if isinstance(prompt, list):
+            prompt, prompt_token_ids = None, prompt
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("a request needs a prompt or prompt_token_ids")
+            prompt_token_ids = self.tokenize(prompt)
+        ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise ValueError("the prompt is empty: it must hold at least one token")
+        if any(not 0 <= t < self.model_config.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
+                f"{len(ids)} input tokens. Please reduce the length of the input messages."
+            )
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.parents:
+            raise ValueError(f"request id {request_id!r} is already running")
+        children = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(rid, ids, params, prompt=prompt, generator=gen, parent_id=request_id, index=i)
+            children.append(req)
+            self.requests[rid] = req
+            self.scheduler.add_request(req)
+        self.parents[request_id] = children
+        self.stats["prompt_tokens"] += len(ids)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks. Unknown or finished ids are ignored."""
+        for req in self.parents.get(request_id, []):
+            if not req.is_finished:
+                self.scheduler.finish(req, "abort")
+            self.requests.pop(req.request_id, None)
+        self.parents.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[RequestOutput]:
+        """One forward over the scheduled batch; outputs of the requests that got a token (or finished)."""
+        out = self.scheduler.schedule()
+        if not out:
+            if self.scheduler.has_unfinished() and not self.scheduler.running:
+                self._fail_unschedulable()
+            return []
+        sampling = [s for s in out.scheduled if s.samples]
+        results = self.runner.execute(out)
+        self.scheduler.after_step(out)
+        self.stats["steps"] += 1
+        touched: dict[str, None] = {}
+        now = time.monotonic()
+        for s, (token, logprobs) in zip(sampling, results):
+            req = s.request
+            req.output_token_ids.append(token)
+            if logprobs is not None:
+                req.output_logprobs.append(logprobs)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self.stats["generation_tokens"] += 1
+            self._check_stop(req)
+            touched[req.parent_id] = None
+        return [self._output(pid) for pid in touched]
+
+    def _fail_unschedulable(self) -> None:
+        # Only reachable when a single request can never fit the pool; fail it rather than spin.
+        req = self.scheduler.waiting[0]
+        self.scheduler.finish(req, "abort")
+        raise RuntimeError(f"request {req.parent_id} cannot fit the KV cache ({self.cache_stats()})")
+
+    def _check_stop(self, req: Request) -> None:
+        p = req.params
+        token = req.output_token_ids[-1]
+        n_out = len(req.output_token_ids)
+        prev_len = len(req.text)
+        req.text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+        reason = None
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                reason = "stop"
+            elif token in p.stop_token_ids:
+                reason, req.stop_reason = "stop", token
+            elif p.stop:
+                # only the new tail can hold a new match (a stop string may straddle the old end)
+                start = max(0, prev_len - max(len(s) for s in p.stop))
+                hits = [(i, s) for s in p.stop if (i := req.text.find(s, start)) >= 0]
+                if hits:
+                    i, s = min(hits)
+                    req.text, reason, req.stop_reason = req.text[:i], "stop", s
+        if reason is None and p.max_tokens is not None and n_out >= p.max_tokens:
+            reason = "length"
+        if reason is None and req.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            req.finished_time = time.monotonic()
+            self.scheduler.finish(req, reason)
+
+    def _output(self, parent_id: str) -> RequestOutput:
+        children = self.parents[parent_id]
+        first = children[0]
+        outs = [
+            CompletionOutput(c.index, c.text, list(c.output_token_ids),
+                             list(c.output_logprobs) if c.params.logprobs is not None else None,
+                             c.finish_reason, c.stop_reason)
+            for c in children
+        ]
+        finished = all(c.is_finished for c in children)
+        metrics = {"arrival_time": first.arrival_time}
+        if first.first_token_time is not None:
+            metrics["first_token_time"] = first.first_token_time
+        if finished:
+            for c in children:
+                self.requests.pop(c.request_id, None)
+            self.parents.pop(parent_id, None)
+        return RequestOutput(parent_id, first.prompt, first.prompt_token_ids, outs, finished,
+                             max(first.num_cached_tokens, 0), metrics)
+
+    # ------------------------------------------------------------------ stats
+    def kv_bytes_in_use(self) -> int:
+        return self.kv_manager.pool.num_used * self.kv_spec.block_bytes(self.kv_cache.block_size)
+
+    def cache_stats(self) -> dict:
+        u = self.kv_manager.usage()
+        s = self.scheduler
+        return {
+            "kv_cache": self.config.cache.kv_cache,
+            "block_size": self.kv_cache.block_size,
+            "blocks_total": u.blocks_total,
+            "blocks_free": u.blocks_free,
+            "blocks_used": u.blocks_used,
+            "usage": u.usage,
+            "kv_bytes_allocated": self.kv_cache.nbytes,
+            "kv_bytes_in_use": self.kv_bytes_in_use(),
+            "preemptions": s.num_preemptions,
+            "swapped_blocks": s.num_swapped_blocks,
+            "requests_running": len(s.running),
+            "requests_waiting": len(s.waiting),
+            "requests_swapped": len(s.swapped),
+        }

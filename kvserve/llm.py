@@ -1,0 +1,144 @@
+"""The offline API, in vLLM's shape: ``LLM(model=...).generate(prompts, SamplingParams(...))``."""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+from kvserve.config import CacheConfig, SchedulerConfig
+from kvserve.engine.llm_engine import EngineConfig, LLMEngine
+from kvserve.models.loader import DEFAULT_MODEL
+from kvserve.request import RequestOutput
+from kvserve.sampling_params import SamplingParams
+
+PromptType = str | list[int] | dict
+
+
+class LLM:
+    """Load a model and its KV cache once; run batches of prompts through continuous batching.
+
+    >>> llm = LLM("smollm2-135m")
+    >>> out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8))
+    >>> out[0].outputs[0].text
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        dtype: str = "auto",
+        device: str | None = None,
+        quantization: str | None = None,
+        kv_cache: str = "paged",
+        block_size: int = 16,
+        kv_cache_memory: str | int | None = None,
+        num_kv_blocks: int | None = None,
+        kv_cache_dtype=None,
+        enable_prefix_caching: bool | None = None,
+        preemption_mode: str = "recompute",
+        swap_space: str | int = "2GiB",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 16,
+        max_num_batched_tokens: int = 512,
+        enable_chunked_prefill: bool = True,
+        seed: int | None = None,
+    ):
+        cache = CacheConfig(kv_cache, block_size, kv_cache_memory, num_kv_blocks, kv_cache_dtype,
+                            enable_prefix_caching, preemption_mode, swap_space)
+        sched = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len or 1, enable_chunked_prefill)
+        self.engine = LLMEngine(EngineConfig(model, dtype, device, quantization, seed, max_model_len, cache, sched))
+
+    # ------------------------------------------------------------------
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def cache_stats(self) -> dict:
+        return self.engine.cache_stats()
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in the order of the prompts.
+
+        A prompt is a string, a list of token ids, or ``{"prompt_token_ids": [...]}``.
+        """
+        prompts = self._as_list(prompts)
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        # Validate every prompt before any starts, so one bad prompt does not leave others half-run.
+        ids = [self._prompt_ids(p) for p in prompts]
+        order = []
+        for p, pid, sp in zip(prompts, ids, params):
+            order.append(self.engine.add_request(p if isinstance(p, str) else None, sp, prompt_token_ids=pid))
+        return self._run(order, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (a list of messages) or several."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.engine.apply_chat_template(c, add_generation_prompt) for c in convs]
+        # The template already holds the special tokens: tokenize without adding more.
+        return self.generate([{"prompt": p, "prompt_token_ids": self.engine.tokenizer.encode(p, add_special_tokens=False)}
+                              for p in prompts], sampling_params, use_tqdm)
+
+    # ------------------------------------------------------------------
+    @staticmethod
+    def _as_list(prompts) -> list:
+        if isinstance(prompts, (str, dict)):
+            return [prompts]
+        if prompts and isinstance(prompts, list) and isinstance(prompts[0], int):
+            return [prompts]
+        return list(prompts)
+
+    def _prompt_ids(self, prompt: PromptType) -> list[int]:
+        if isinstance(prompt, dict):
+            ids = prompt.get("prompt_token_ids") or self.engine.tokenize(prompt["prompt"])
+        elif isinstance(prompt, str):
+            ids = self.engine.tokenize(prompt)
+        else:
+            ids = list(prompt)
+        n = len(ids)
+        if n >= self.engine.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.engine.max_model_len} tokens. However, your request "
+                f"has {n} input tokens. Please reduce the length of the input messages."
+            )
+        return ids
+
+    def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(order), desc="Processed prompts", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        n_in = n_out = 0
+        try:
+            while self.engine.has_unfinished_requests():
+                for o in self.engine.step():
+                    if o.finished:
+                        done[o.request_id] = o
+                        n_in += len(o.prompt_token_ids)
+                        n_out += sum(len(c.token_ids) for c in o.outputs)
+                        if bar is not None:
+                            dt = time.perf_counter() - t0
+                            bar.set_postfix_str(f"input: {n_in / dt:.1f} tok/s, output: {n_out / dt:.1f} tok/s")
+                            bar.update(1)
+        except BaseException:
+            for rid in order:
+                self.engine.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[r] for r in order]

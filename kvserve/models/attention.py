@@ -1,0 +1,37 @@
+"""The only attention op: write this step's K/V into the cache, then attend over the cache.
+
+Prefill, chunked prefill, decode, contiguous and paged layouts all come through here; they differ
+only in the ForwardBatch metadata (slots to write, slots to read, masks).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvserve.engine.batch import ForwardBatch
+from kvserve.kv.storage import KVCache
+
+
+def attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    kv: KVCache,
+    layer: int,
+    batch: ForwardBatch,
+) -> torch.Tensor:  # [T, Hq, D]
+    kv.write(layer, k, v, batch.slot_mapping)
+    out = None if len(batch.groups) == 1 else torch.empty_like(q)
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    for g in batch.groups:
+        # [B*Q, Hq, D] -> [B, Hq, Q, D]
+        qg = q[g.q_rows].view(g.batch, g.q_len, n_heads, head_dim).transpose(1, 2)
+        kc, vc = kv.read(layer, g.kv_slots)  # [B, L, Hkv, D] or [L, Hkv, D]
+        kc = kc.view(g.batch, -1, *kc.shape[-2:]).transpose(1, 2)  # [B, Hkv, L, D]
+        vc = vc.view(g.batch, -1, *vc.shape[-2:]).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=g.mask, is_causal=g.is_causal, enable_gqa=True)
+        o = o.transpose(1, 2).reshape(g.batch * g.q_len, n_heads, head_dim)
+        if out is None:
+            return o
+        out[g.q_rows] = o
+    return out

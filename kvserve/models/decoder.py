@@ -1,0 +1,85 @@
+"""One decoder for the Llama family: RMSNorm, RoPE, GQA/MQA attention, SwiGLU MLP, tied embeddings.
+
+``forward`` takes a ForwardBatch (a flat list of new tokens from any number of requests, prompt
+chunks and decodes mixed) and the KV cache; the same code runs prefill and decode.
+Q/K/V and gate/up are fused into one matmul each: fewer, larger ops per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.config import ModelConfig
+from kvserve.engine.batch import ForwardBatch
+from kvserve.kv.storage import KVCache
+from kvserve.models.attention import attention
+from kvserve.models.layers import Linear, Rotary, apply_rotary, rms_norm, silu_and_mul
+
+
+@dataclass
+class DecoderLayer:
+    input_norm: torch.Tensor
+    qkv_proj: Linear  # [q_size + 2 * kv_size, hidden]
+    o_proj: Linear
+    post_attn_norm: torch.Tensor
+    gate_up_proj: Linear  # [2 * intermediate, hidden]
+    down_proj: Linear
+
+
+class Decoder:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        quantization: str | None = None,
+        max_positions: int | None = None,
+    ):
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        dev = lambda t: t.to(self.device)  # noqa: E731
+        lin = lambda w: Linear(w, quantization).to(self.device)  # noqa: E731
+        self.layers: list[DecoderLayer] = []
+        for i in range(cfg.num_layers):
+            w = lambda name: weights[f"layers.{i}.{name}"]  # noqa: E731
+            self.layers.append(
+                DecoderLayer(
+                    input_norm=dev(w("input_norm")),
+                    qkv_proj=lin(torch.cat([w("q_proj"), w("k_proj"), w("v_proj")])),
+                    o_proj=lin(w("o_proj")),
+                    post_attn_norm=dev(w("post_attn_norm")),
+                    gate_up_proj=lin(torch.cat([w("gate_proj"), w("up_proj")])),
+                    down_proj=lin(w("down_proj")),
+                )
+            )
+        self.embed = dev(weights["embed"])
+        self.norm = dev(weights["norm"])
+        self.lm_head = lin(weights["lm_head"] if "lm_head" in weights else weights["embed"])
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, max_positions or cfg.max_position_embeddings, dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """Hidden states of the rows in ``batch.logits_idx``: [S, hidden]."""
+        cfg = self.cfg
+        T = batch.num_tokens
+        h = self.embed[batch.input_ids]  # [T, hidden]
+        cos, sin = self.rotary(batch.positions)
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
+            qkv = layer.qkv_proj(x)
+            q = qkv[:, : cfg.q_size].view(T, cfg.num_heads, cfg.head_dim)
+            k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(T, cfg.num_kv_heads, cfg.head_dim)
+            v = qkv[:, cfg.q_size + cfg.kv_size :].view(T, cfg.num_kv_heads, cfg.head_dim)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            o = attention(q, k, v, kv, i, batch)
+            h = h + layer.o_proj(o.reshape(T, cfg.q_size))
+            x = rms_norm(h, layer.post_attn_norm, cfg.rms_norm_eps)
+            h = h + layer.down_proj(silu_and_mul(layer.gate_up_proj(x)))
+        # Only rows that sample need the final norm and the (large) LM head.
+        return rms_norm(h[batch.logits_idx], self.norm, cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[S, hidden] -> [S, vocab] in fp32 (sampling wants full precision)."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,77 @@
+"""The building blocks of a Llama-family layer: RMSNorm, rotary embeddings, linear layers (plain or
+int8 weight-only), SwiGLU."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 and cast back, as HF's LlamaRMSNorm does (so bf16 runs match)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype) * weight
+
+
+class Linear:
+    """``y = x @ W.T`` with W stored as given, or as int8 with one fp scale per output row.
+
+    Int8 weight-only matmul streams a quarter of the fp32 bytes per token: at batch 1 decode is
+    bound by reading weights, so this is where the time goes. torch's CPU int8 kernel is fast only
+    with bf16 activations, so x is cast to bf16 for the product and the result cast back.
+    """
+
+    def __init__(self, weight: torch.Tensor, quantization: str | None = None):
+        self.out_features = weight.shape[0]
+        self.quantization = quantization
+        if quantization is None:
+            self.weight = weight.contiguous()
+        elif quantization == "int8":
+            w = weight.float()
+            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+            self.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            self.act_dtype = torch.bfloat16
+            self.scale = scale.to(self.act_dtype)
+        else:
+            raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantization is None:
+            return F.linear(x, self.weight)
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.act_dtype), self.weight, self.scale)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def to(self, device: torch.device | str) -> "Linear":
+        self.weight = self.weight.to(device)
+        if self.quantization:
+            self.scale = self.scale.to(device)
+        return self
+
+
+class Rotary:
+    """RoPE in HF's rotate-half form, with cos/sin precomputed for every position once."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int, dtype: torch.dtype, device="cpu"):
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)  # [max_positions, head_dim]
+        self.cos = emb.cos().to(dtype).to(device)
+        self.sin = emb.sin().to(dtype).to(device)
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for each token: [T, 1, head_dim] (broadcast over heads)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]. Rotates pairs (i, i + d/2) by the position's angle."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: the gate and up projections come fused in one matmul; split and combine."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
