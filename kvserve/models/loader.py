@@ -6,6 +6,7 @@ requested dtype; the tokenizer and chat template come from the same file.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -24,7 +25,7 @@ MODEL_ALIASES: dict[str, tuple[str, str]] = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSource:
     """Where a model lives: a GGUF file, or a HF folder."""
 
@@ -183,13 +184,18 @@ def _load_hf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, tor
     return cfg, weights
 
 
+@functools.lru_cache(maxsize=2)
 def load_weights(src: ModelSource, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read config and weights (names as in kvserve.models.decoder) in ``dtype``."""
+    """Read config and weights (names as in kvserve.models.decoder) in ``dtype``.
+
+    Cached per process: engines built one after another (tests, benchmarks comparing cache modes)
+    share one read of the file. Callers must not modify the returned tensors."""
     return _load_gguf(src.path, src.name, dtype) if src.kind == "gguf" else _load_hf(src.path, dtype)
 
 
+@functools.lru_cache(maxsize=2)
 def load_tokenizer(src: ModelSource):
-    """The model's own tokenizer and chat template, through transformers."""
+    """The model's own tokenizer and chat template, through transformers (cached per process)."""
     from transformers import AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

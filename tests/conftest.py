@@ -1,0 +1,65 @@
+"""Shared fixtures. Model-backed fixtures are session-scoped: the weights are read once per run."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.manual_seed(0)
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+    "The three primary colors are",
+    "To make a cup of tea, first",
+]
+
+
+@pytest.fixture(scope="session")
+def model_src():
+    from kvserve.models.loader import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_src):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(model_src.path.parent), gguf_file=model_src.path.name,
+                                             dtype=torch.float32)
+    m.eval()
+    return m
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_src):
+    from kvserve.models.loader import load_tokenizer
+
+    return load_tokenizer(model_src)
+
+
+def make_llm(**kw):
+    from kvserve import LLM
+
+    kw.setdefault("dtype", "float32")
+    kw.setdefault("max_model_len", 512)
+    return LLM("smollm2-135m", **kw)
+
+
+@pytest.fixture(scope="session")
+def llm_contiguous():
+    return make_llm(kv_cache="contiguous", max_num_seqs=8)
+
+
+@pytest.fixture(scope="session")
+def llm_off():
+    return make_llm(kv_cache="off", max_num_seqs=8)
+
+
+@pytest.fixture(scope="session")
+def llm_paged():
+    return make_llm(kv_cache="paged", num_kv_blocks=256)
