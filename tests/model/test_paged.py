@@ -1,0 +1,83 @@
+"""The paged cache and the continuous-batching scheduler, against the contiguous cache and each
+prompt run alone (greedy, so every path must give the same tokens)."""
+from __future__ import annotations
+
+import pytest
+
+from kvserve import SamplingParams
+from tests.conftest import PROMPTS, make_llm
+
+SIXTEEN = [p + " and then" * i for i, p in enumerate(PROMPTS * 4)][:16]  # 5 to ~45 tokens
+
+
+def tokens(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def greedy(n):
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def contiguous_16(llm_contiguous):
+    return tokens(llm_contiguous.generate(SIXTEEN, greedy(20)))
+
+
+def test_sixteen_uneven_prompts(llm_paged, contiguous_16):
+    assert len({len(llm_paged.get_tokenizer().encode(p)) for p in SIXTEEN}) > 5
+    assert tokens(llm_paged.generate(SIXTEEN, greedy(20))) == contiguous_16
+    alone = [tokens(llm_paged.generate(p, greedy(20)))[0] for p in SIXTEEN[:4]]
+    assert alone == contiguous_16[:4]
+    assert llm_paged.cache_stats()["requests_running"] == 0
+
+
+def test_chunked_prefill_equals_one_shot(contiguous_16):
+    llm = make_llm(kv_cache="paged", num_kv_blocks=128, max_num_batched_tokens=32, enable_prefix_caching=False)
+    long_prompts = [p * 6 for p in SIXTEEN[:4]]  # 40-90 tokens: every prompt spans several 32-token steps
+    chunked = tokens(llm.generate(long_prompts, greedy(16)))
+    one_shot = make_llm(kv_cache="contiguous", max_num_seqs=4)
+    assert chunked == tokens(one_shot.generate(long_prompts, greedy(16)))
+    assert tokens(llm.generate(SIXTEEN, greedy(20))) == contiguous_16
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preemption_gives_identical_outputs(mode, contiguous_16):
+    # 20 blocks of 16 tokens cannot hold 16 requests of ~30 tokens at once
+    llm = make_llm(kv_cache="paged", num_kv_blocks=21, max_model_len=128, preemption_mode=mode,
+                   enable_prefix_caching=False)
+    out = tokens(llm.generate(SIXTEEN, greedy(20)))
+    stats = llm.cache_stats()
+    assert stats["preemptions"] > 0
+    assert out == contiguous_16
+    assert stats["blocks_used"] == 0 and stats["swapped_blocks"] == 0
+    llm.engine.kv_manager.pool.check_integrity()
+
+
+def test_abort_mid_generation_frees_every_block(llm_paged):
+    e = llm_paged.engine
+    ids = [e.add_request(p, greedy(50)) for p in PROMPTS]
+    for _ in range(5):
+        e.step()
+    assert e.cache_stats()["blocks_used"] > 0
+    for rid in ids:
+        e.abort_request(rid)
+    assert not e.has_unfinished_requests()
+    assert e.cache_stats()["blocks_used"] == 0
+    e.kv_manager.pool.check_integrity()
+
+
+def test_pool_too_small_for_one_sequence_refuses_to_start():
+    with pytest.raises(ValueError, match=r"cannot hold one sequence of max_model_len=512.*max_model_len <= 160"):
+        make_llm(kv_cache="paged", num_kv_blocks=11)
+
+
+def test_paged_waste_is_below_one_block_per_sequence(llm_paged):
+    e = llm_paged.engine
+    for p in PROMPTS:
+        e.add_request(p, greedy(30))
+    e.step()
+    used_tokens = sum(r.num_computed_tokens for r in e.scheduler.running)
+    reserved = e.cache_stats()["blocks_used"] * e.kv_cache.block_size
+    assert used_tokens <= reserved < used_tokens + len(PROMPTS) * e.kv_cache.block_size
+    while e.has_unfinished_requests():
+        e.step()
