@@ -115,7 +115,7 @@ class LLMEngine:
         self.kv_spec = KVSpec.from_model(cfg, cache.kv_cache_dtype or self.dtype)
         num_blocks, block_size = plan_kv_pool(self.kv_spec, cache, sched)
         self.kv_cache = KVCache(self.kv_spec, num_blocks, block_size, self.device)
-        self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size)
+        self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size, bool(cache.enable_prefix_caching))
         self.scheduler = Scheduler(sched, cache, self.kv_manager, self.kv_cache)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -277,7 +277,8 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stats
     def kv_bytes_in_use(self) -> int:
-        return self.kv_manager.pool.num_used * self.kv_spec.block_bytes(self.kv_cache.block_size)
+        """Bytes of the blocks live requests hold (prefix-cached blocks held by the tree alone excluded)."""
+        return self.kv_manager.usage().blocks_used * self.kv_spec.block_bytes(self.kv_cache.block_size)
 
     def cache_stats(self) -> dict:
         u = self.kv_manager.usage()
@@ -288,10 +289,15 @@ class LLMEngine:
             "blocks_total": u.blocks_total,
             "blocks_free": u.blocks_free,
             "blocks_used": u.blocks_used,
+            "blocks_cached": u.blocks_cached,
             "usage": u.usage,
             "kv_bytes_allocated": self.kv_cache.nbytes,
             "kv_bytes_in_use": self.kv_bytes_in_use(),
             "preemptions": s.num_preemptions,
+            "prefix_cache_queries": self.kv_manager.prefix_queries,
+            "prefix_cache_hits": self.kv_manager.prefix_hits,
+            "prefix_cache_hit_rate": self.kv_manager.prefix_hits / max(1, self.kv_manager.prefix_queries),
+            "prefix_cache_evicted_blocks": pc.evicted_blocks if (pc := self.kv_manager.prefix_cache) else 0,
             "swapped_blocks": s.num_swapped_blocks,
             "requests_running": len(s.running),
             "requests_waiting": len(s.waiting),

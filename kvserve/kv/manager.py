@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvserve.kv.block_pool import BlockPool
+from kvserve.kv.prefix_cache import RadixPrefixCache
 from kvserve.request import Request
 
 
@@ -24,17 +25,33 @@ class CacheUsage:
     blocks_used: int
     usage: float
     tokens_capacity: int
+    blocks_cached: int = 0  # held by the prefix tree (evictable unless a running request uses them)
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, block_size: int):
+    def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = False):
         self.pool = pool
         self.block_size = block_size
+        self.prefix_cache = RadixPrefixCache(pool, block_size) if enable_prefix_caching else None
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """Blocks already holding a prefix of this request's tokens, and how many tokens they cover.
-        Without a prefix cache nothing is ever found."""
-        return [], 0
+
+        The request takes a reference on each block and locks their tree path. A hit is capped one
+        token short of the whole sequence: the last token must still run to produce logits."""
+        if self.prefix_cache is None:
+            return [], 0
+        tokens = request.all_token_ids
+        match = self.prefix_cache.match_prefix(tokens[: len(tokens) - 1])
+        self.prefix_cache.lock(match.node)
+        request.prefix_node = match.node
+        self.pool.incref(match.block_ids)
+        hit = len(match.block_ids) * self.block_size
+        self.prefix_queries += len(tokens)
+        self.prefix_hits += hit
+        return list(match.block_ids), hit
 
     def blocks_needed(self, request: Request, num_new_tokens: int) -> int:
         total = request.num_computed_tokens + num_new_tokens
@@ -47,6 +64,8 @@ class KVCacheManager:
         """Make room for ``num_new_tokens`` more tokens of ``request``; the new block ids, or None when
         the pool cannot hold them (the caller then preempts someone or waits). Allocates all or nothing."""
         need = self.blocks_needed(request, num_new_tokens)
+        if need > self.pool.num_free and self.prefix_cache is not None:
+            self.prefix_cache.evict(need - self.pool.num_free)
         if need > self.pool.num_free:
             return None
         new = self.pool.allocate(need)
@@ -54,10 +73,41 @@ class KVCacheManager:
         return new
 
     def free(self, request: Request) -> None:
-        """Drop the request's references, last block first, so its tail is reused before its head."""
+        """Drop the request's references, last block first, so its tail is reused before its head.
+
+        With a prefix cache, the request's whole computed blocks (prompt and generated tokens alike)
+        are first inserted into the tree, so a later request (or the next turn of a chat) finds them."""
+        if self.prefix_cache is not None:
+            n_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
+            self.prefix_cache.insert(request.all_token_ids[: n_full * self.block_size], request.block_ids[:n_full])
+            if request.prefix_node is not None:
+                self.prefix_cache.unlock(request.prefix_node)
+                request.prefix_node = None
         self.pool.decref(list(reversed(request.block_ids)))
         request.block_ids = []
 
+    def check_integrity(self, requests: list[Request]) -> None:
+        """Every block's ref count equals its holders (the tree, live requests); free + held == total."""
+        holders = [0] * self.pool.num_blocks
+        tree_blocks = self.prefix_cache.block_ids() if self.prefix_cache is not None else []
+        for b in tree_blocks:
+            holders[b] += 1
+        for r in requests:
+            for b in r.block_ids:
+                holders[b] += 1
+        assert holders == self.pool.ref_cnt, "block ref counts differ from their holders"
+        held = sum(1 for h in holders[1:] if h)
+        assert self.pool.num_free + held == self.pool.num_usable
+        self.pool.check_integrity()
+        if self.prefix_cache is not None:
+            self.prefix_cache.check_integrity()
+
     def usage(self) -> CacheUsage:
+        """free + cached + used == total. "cached" blocks are held by the prefix tree alone: they keep
+        K/V for later hits but are evicted on demand, so (as in vLLM) they do not count as used."""
         p = self.pool
-        return CacheUsage(p.num_usable, p.num_free, p.num_used, p.usage(), p.num_usable * self.block_size)
+        cached = 0
+        if self.prefix_cache is not None:
+            cached = sum(1 for b in self.prefix_cache.block_ids() if p.ref_cnt[b] == 1)
+        used = p.num_used - cached
+        return CacheUsage(p.num_usable, p.num_free, used, used / p.num_usable, p.num_usable * self.block_size, cached)

@@ -1,0 +1,193 @@
+"""Radix-tree prefix cache (SGLang's RadixAttention, over blocks of the one pool).
+
+Keys are token ids cut into whole blocks; each node holds a run of blocks and the block ids that
+hold their K/V. A new request walks down the tree and reuses the longest cached prefix.
+
+    root
+     └─ [sys prompt: 4 blocks]                 lock 2   (two running requests use it)
+          ├─ [question A + answer: 2 blocks]    lock 0   <- evictable leaf
+          └─ [question B: 1 block]              lock 1
+
+The tree holds one reference on each of its blocks (from the same BlockPool the requests use), so
+a block is free only when neither the tree nor any request holds it. When the pool runs short,
+unlocked leaves are evicted least recently used first; their parents may become evictable leaves.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kvserve.kv.block_pool import BlockPool
+
+Block = tuple[int, ...]  # the block_size token ids of one block
+
+
+@dataclass(eq=False)
+class Node:
+    blocks: list[Block] = field(default_factory=list)  # token ids, one tuple per block
+    block_ids: list[int] = field(default_factory=list)
+    parent: "Node | None" = None
+    children: dict[Block, "Node"] = field(default_factory=dict)  # keyed by the child's first block
+    lock_ref: int = 0
+    last_access: int = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_ids)
+
+
+class MatchResult:
+    __slots__ = ("block_ids", "node")
+
+    def __init__(self, block_ids: list[int], node: Node):
+        self.block_ids, self.node = block_ids, node
+
+
+class RadixPrefixCache:
+    def __init__(self, pool: BlockPool, block_size: int):
+        self.pool, self.block_size = pool, block_size
+        self.root = Node()
+        self.root.lock_ref = 1  # never evicted
+        self._clock = itertools.count(1)  # logical time: exact, testable LRU order
+        self.num_blocks = 0  # blocks held by the tree
+        self.evicted_blocks = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _split_tokens(self, token_ids: list[int]) -> list[Block]:
+        bs = self.block_size
+        n = len(token_ids) // bs
+        return [tuple(token_ids[i * bs : (i + 1) * bs]) for i in range(n)]
+
+    def _split_node(self, node: Node, k: int) -> Node:
+        """Cut ``node`` after its first k blocks; returns the new upper part (node becomes its child)."""
+        upper = Node(node.blocks[:k], node.block_ids[:k], node.parent, {}, node.lock_ref, node.last_access)
+        node.parent.children[node.blocks[0]] = upper
+        node.blocks, node.block_ids, node.parent = node.blocks[k:], node.block_ids[k:], upper
+        upper.children[node.blocks[0]] = node
+        return upper
+
+    # ------------------------------------------------------------------ match / insert
+    def match_prefix(self, token_ids: list[int]) -> MatchResult:
+        """Longest cached block-aligned prefix of ``token_ids``: its block ids and the deepest node
+        (lock that node while the blocks are in use). Touches the path (LRU)."""
+        blocks = self._split_tokens(token_ids)
+        node, ids, i = self.root, [], 0
+        now = next(self._clock)
+        while i < len(blocks) and blocks[i] in node.children:
+            child = node.children[blocks[i]]
+            k = 0
+            while k < child.num_blocks and i + k < len(blocks) and child.blocks[k] == blocks[i + k]:
+                k += 1
+            if k < child.num_blocks:
+                child = self._split_node(child, k)
+            child.last_access = now
+            ids += child.block_ids
+            i += k
+            node = child
+        return MatchResult(ids, node)
+
+    def insert(self, token_ids: list[int], block_ids: list[int]) -> int:
+        """Cache the whole blocks of ``token_ids`` (held in ``block_ids``). Returns how many blocks
+        were cached already: for those the caller's own copies are duplicates (it frees them as usual);
+        the tree takes a reference on each block it adds."""
+        blocks = self._split_tokens(token_ids)[: len(block_ids)]
+        node, i = self.root, 0
+        now = next(self._clock)
+        while i < len(blocks):
+            child = node.children.get(blocks[i])
+            if child is None:
+                new = Node(blocks[i:], list(block_ids[i : len(blocks)]), node, {}, 0, now)
+                node.children[blocks[i]] = new
+                self.pool.incref(new.block_ids)
+                self.num_blocks += new.num_blocks
+                return i
+            k = 0
+            while k < child.num_blocks and i + k < len(blocks) and child.blocks[k] == blocks[i + k]:
+                k += 1
+            if k < child.num_blocks:
+                child = self._split_node(child, k)
+            child.last_access = now
+            i += k
+            node = child
+        return i
+
+    # ------------------------------------------------------------------ locks
+    def lock(self, node: Node) -> None:
+        """A running request uses the path root..node: none of it may be evicted."""
+        while node is not None:
+            node.lock_ref += 1
+            node = node.parent
+
+    def unlock(self, node: Node) -> None:
+        while node is not None:
+            node.lock_ref -= 1
+            assert node.lock_ref >= 0
+            node = node.parent
+
+    # ------------------------------------------------------------------ eviction
+    def _nodes(self):
+        stack = [self.root]
+        while stack:
+            n = stack.pop()
+            yield n
+            stack.extend(n.children.values())
+
+    def evictable_blocks(self) -> int:
+        return sum(n.num_blocks for n in self._nodes() if n.lock_ref == 0)
+
+    def evict(self, num_blocks: int) -> int:
+        """Free at least ``num_blocks`` blocks (if possible) by dropping unlocked leaves, least
+        recently used first. Returns how many blocks the pool got back."""
+        heap = [(n.last_access, id(n), n) for n in self._nodes() if not n.children and n.lock_ref == 0]
+        heapq.heapify(heap)
+        freed = 0
+        while heap and freed < num_blocks:
+            _, _, leaf = heapq.heappop(heap)
+            before = self.pool.num_free
+            self.pool.decref(leaf.block_ids)
+            freed += self.pool.num_free - before
+            self.num_blocks -= leaf.num_blocks
+            self.evicted_blocks += leaf.num_blocks
+            parent = leaf.parent
+            del parent.children[leaf.blocks[0]]
+            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        return freed
+
+    # ------------------------------------------------------------------ inspection
+    def check_integrity(self) -> None:
+        """Tree bookkeeping is consistent and each of its blocks is held in the pool."""
+        count = 0
+        for n in self._nodes():
+            if n is self.root:
+                continue
+            assert n.num_blocks == len(n.blocks) > 0
+            assert n.parent.children[n.blocks[0]] is n
+            assert n.lock_ref >= sum(c.lock_ref for c in n.children.values())
+            for b in n.block_ids:
+                assert self.pool.ref_cnt[b] >= 1, f"tree block {b} is free in the pool"
+            count += n.num_blocks
+        assert count == self.num_blocks
+
+    def block_ids(self) -> list[int]:
+        return [b for n in self._nodes() for b in n.block_ids]
+
+    def dump(self, decode: Callable[[list[int]], str] | None = None, width: int = 40) -> str:
+        """The tree, one node a line: tokens, blocks, lock count, last access, a text preview."""
+        lines = [f"root ({self.num_blocks} blocks cached, {self.evictable_blocks()} evictable)"]
+
+        def walk(node: Node, depth: int) -> None:
+            for child in sorted(node.children.values(), key=lambda c: c.last_access):
+                toks = [t for b in child.blocks for t in b]
+                preview = ""
+                if decode is not None:
+                    text = decode(toks).replace("\n", "\\n")
+                    preview = " " + repr(text if len(text) <= width else text[: width - 3] + "...")
+                lines.append(f"{'  ' * depth}└─ {len(toks)} tokens / {child.num_blocks} blocks, "
+                             f"lock={child.lock_ref}, last_access={child.last_access}{preview}")
+                walk(child, depth + 1)
+
+        walk(self.root, 1)
+        return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""Prefix caching must not change a single greedy token: shared system prompts, multi-turn chats,
+and a pool small enough that the tree must evict."""
+from __future__ import annotations
+
+from kvserve import SamplingParams
+from tests.conftest import make_llm
+
+SYSTEM = ("You are a meticulous assistant for a small bakery. You answer questions about bread, pastry, "
+          "opening hours and prices. Always answer in two sentences and be friendly. ") * 2
+QUESTIONS = ["What time do you open?", "Do you sell croissants?", "How much is a baguette?",
+             "Is the rye bread vegan?", "Can I order a birthday cake?", "Do you have gluten-free bread?"]
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def convs():
+    return [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS]
+
+
+def tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_shared_system_prompt_hits_and_matches_no_cache(llm_paged):
+    off = make_llm(kv_cache="paged", num_kv_blocks=256, enable_prefix_caching=False)
+    reference = tokens(off.chat(convs(), GREEDY))
+    first = llm_paged.chat(convs()[:1], GREEDY)
+    rest = llm_paged.chat(convs()[1:], GREEDY)
+    assert tokens(first + rest) == reference
+    assert all(o.num_cached_tokens >= 64 for o in rest)  # the system prompt came from the cache
+    again = llm_paged.chat(convs(), GREEDY)  # everything seen before: near-full hits
+    assert tokens(again) == reference
+    assert all(o.num_cached_tokens >= len(o.prompt_token_ids) - 16 for o in again)
+    stats = llm_paged.cache_stats()
+    assert stats["prefix_cache_hits"] > 0 and stats["blocks_used"] == 0
+    llm_paged.engine.kv_manager.check_integrity([])
+
+
+def run_chat(llm, turns=4):
+    """Multi-turn: each turn appends the model's answer and a new question."""
+    conv = [{"role": "system", "content": SYSTEM}]
+    outs = []
+    for q in QUESTIONS[:turns]:
+        conv.append({"role": "user", "content": q})
+        o = llm.chat(conv, GREEDY)[0]
+        conv.append({"role": "assistant", "content": o.outputs[0].text})
+        outs.append(o)
+    return outs
+
+
+def test_multi_turn_chat_reuses_earlier_turns():
+    on = make_llm(kv_cache="paged", num_kv_blocks=256)
+    off = make_llm(kv_cache="paged", num_kv_blocks=256, enable_prefix_caching=False)
+    with_cache, without = run_chat(on), run_chat(off)
+    assert tokens(with_cache) == tokens(without)
+    for prev, cur in zip(with_cache, with_cache[1:]):
+        # turn N+1 finds at least the whole previous prompt in the cache
+        assert cur.num_cached_tokens >= len(prev.prompt_token_ids) // 16 * 16
+    on.engine.kv_manager.check_integrity([])
+
+
+def test_eviction_under_a_small_pool_keeps_outputs_identical():
+    small = make_llm(kv_cache="paged", num_kv_blocks=24, max_model_len=256)
+    ref = make_llm(kv_cache="paged", num_kv_blocks=256, max_model_len=256, enable_prefix_caching=False)
+    prompts = [[{"role": "user", "content": f"{q} Please answer briefly."}] for q in QUESTIONS * 2]
+    assert tokens(small.chat(prompts, GREEDY)) == tokens(ref.chat(prompts, GREEDY))
+    stats = small.cache_stats()
+    assert stats["prefix_cache_evicted_blocks"] > 0
+    small.engine.kv_manager.check_integrity([])

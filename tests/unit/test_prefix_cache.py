@@ -1,0 +1,141 @@
+"""Radix prefix cache, no model: matching, splitting, locks, exact eviction order, and a random
+test against a naive longest-prefix reference. Every test ends with an integrity check."""
+from __future__ import annotations
+
+import hypothesis.strategies as st
+from hypothesis import given, settings
+
+from kvserve.kv.block_pool import BlockPool
+from kvserve.kv.manager import KVCacheManager
+from kvserve.kv.prefix_cache import RadixPrefixCache
+from kvserve.request import Request
+from kvserve.sampling_params import SamplingParams
+
+BS = 2
+
+
+def cache(num_blocks=16):
+    pool = BlockPool(num_blocks)
+    return pool, RadixPrefixCache(pool, BS)
+
+
+def put(pool, tree, tokens):
+    """Insert as a finishing request would: allocate, insert, drop the request's references."""
+    ids = pool.allocate(len(tokens) // BS)
+    tree.insert(tokens, ids)
+    pool.decref(ids)
+    return ids
+
+
+def test_match_whole_blocks_only():
+    pool, tree = cache()
+    ids = put(pool, tree, [1, 2, 3, 4, 5, 6])
+    assert tree.match_prefix([1, 2, 3, 4, 5, 6, 7]).block_ids == ids
+    assert tree.match_prefix([1, 2, 3, 9]).block_ids == ids[:1]
+    assert tree.match_prefix([1, 2, 3]).block_ids == ids[:1]  # the partial block [3] never matches
+    assert tree.match_prefix([9, 9]).block_ids == []
+    tree.check_integrity()
+    pool.check_integrity()
+
+
+def test_partial_match_splits_the_node_and_insert_reports_cached_length():
+    pool, tree = cache()
+    a = put(pool, tree, [1, 2, 3, 4, 5, 6])
+    assert len(tree.root.children) == 1
+    b_ids = pool.allocate(3)
+    assert tree.insert([1, 2, 3, 4, 7, 8], b_ids) == 2  # first two blocks already cached
+    pool.decref(b_ids)  # the request's duplicates of blocks 0-1 go back to the pool
+    top = tree.root.children[(1, 2)]
+    assert top.blocks == [(1, 2), (3, 4)] and top.block_ids == a[:2]
+    assert sorted(c.blocks[0] for c in top.children.values()) == [(5, 6), (7, 8)]
+    assert tree.num_blocks == 4
+    assert pool.ref_cnt[b_ids[0]] == 0 and pool.ref_cnt[b_ids[2]] == 1
+    tree.check_integrity()
+    pool.check_integrity()
+
+
+def test_eviction_is_lru_over_unlocked_leaves():
+    pool, tree = cache(16)
+    a = put(pool, tree, [1, 1, 2, 2])  # t=1
+    b = put(pool, tree, [3, 3, 4, 4])  # t=2
+    c = put(pool, tree, [5, 5])  # t=3
+    tree.match_prefix([1, 1, 2, 2])  # touch a: now b is the least recently used
+    free_before = pool.free_ids()
+    assert tree.evict(1) == 2  # a whole leaf goes: b's two blocks
+    assert pool.free_ids() == free_before + list(reversed(b))[::-1]
+    assert tree.match_prefix([3, 3, 4, 4]).block_ids == []
+    assert tree.evict(1) == 1 and tree.match_prefix([5, 5]).block_ids == []  # then c
+    assert tree.match_prefix([1, 1, 2, 2]).block_ids == a
+    assert tree.evicted_blocks == 3
+    tree.check_integrity()
+    pool.check_integrity()
+
+
+def test_locked_nodes_are_not_evicted_and_parents_follow_children():
+    pool, tree = cache(16)
+    put(pool, tree, [1, 1, 2, 2])
+    put(pool, tree, [1, 1, 3, 3])  # splits: [1,1] -> {[2,2], [3,3]}
+    m = tree.match_prefix([1, 1, 2, 2])
+    tree.lock(m.node)
+    assert tree.evictable_blocks() == 1  # only [3,3]
+    assert tree.evict(10) == 1  # [3,3] goes; [1,1] still has a locked child
+    assert tree.match_prefix([1, 1, 2, 2]).block_ids == m.block_ids
+    tree.unlock(m.node)
+    assert tree.evict(10) == 2  # the leaf, then its parent which became a leaf
+    assert tree.num_blocks == 0 and pool.num_free == pool.num_usable
+    tree.check_integrity()
+    pool.check_integrity()
+
+
+def test_manager_caps_a_full_hit_and_checks_integrity():
+    pool = BlockPool(16)
+    m = KVCacheManager(pool, BS, enable_prefix_caching=True)
+    r = Request("a", [1, 2, 3, 4], SamplingParams())
+    assert m.get_computed_blocks(r) == ([], 0)
+    m.allocate_slots(r, 4)
+    r.num_computed_tokens = 4
+    m.free(r)  # inserts both blocks
+    r2 = Request("b", [1, 2, 3, 4], SamplingParams())
+    blocks, hit = m.get_computed_blocks(r2)
+    assert hit == 2  # not 4: the last token must be computed to get logits
+    r2.block_ids, r2.num_computed_tokens = blocks, hit
+    m.check_integrity([r2])
+    assert m.usage().blocks_cached == 1  # the second block: tree only
+    m.free(r2)
+    m.check_integrity([])
+    assert m.prefix_queries == 8 and m.prefix_hits == 2
+
+
+token_lists = st.lists(st.lists(st.integers(0, 2), min_size=0, max_size=10), min_size=1, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(token_lists, st.lists(st.integers(0, 4), max_size=12), st.lists(st.integers(0, 2), min_size=1, max_size=10))
+def test_random_insert_match_evict_against_naive_reference(inserts, evictions, query):
+    """Sound: every matched block holds exactly the query's tokens up to it (the tree never returns
+    a block for other tokens). Complete: without eviction the match is the naive longest cached
+    prefix; with eviction it is never longer."""
+    pool, tree = cache(64)
+    reference: set[tuple] = set()  # every block-aligned prefix ever inserted
+    holds: dict[int, tuple] = {}  # block id -> the token prefix ending with this block
+    evicted = False
+    for toks, ev in zip(inserts, evictions + [0] * len(inserts)):
+        n = len(toks) // BS
+        if n > pool.num_free:
+            continue
+        ids = pool.allocate(n)
+        cached = tree.insert(toks, ids)
+        for i in range(cached, n):
+            holds[ids[i]] = tuple(toks[: (i + 1) * BS])
+        pool.decref(ids)
+        reference |= {tuple(toks[: i * BS]) for i in range(1, n + 1)}
+        if ev:
+            evicted |= tree.evict(ev) > 0
+        tree.check_integrity()
+        pool.check_integrity()
+    got = tree.match_prefix(query).block_ids
+    for i, b in enumerate(got):
+        assert holds[b] == tuple(query[: (i + 1) * BS])
+    best = max((len(p) for p in reference if list(p) == query[: len(p)]), default=0)
+    assert len(got) * BS == best if not evicted else len(got) * BS <= best
+    assert pool.num_free + tree.num_blocks == pool.num_usable
