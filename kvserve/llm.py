@@ -52,7 +52,19 @@ class LLM:
         return self.engine.tokenizer
 
     def cache_stats(self) -> dict:
+        """Blocks total/free/used/cached, usage, preemptions, swapped blocks, prefix hits, queue sizes."""
         return self.engine.cache_stats()
+
+    @property
+    def prefix_cache(self):
+        """The radix tree of cached prefixes (None unless prefix caching is on); ``.dump()`` prints it."""
+        return self.engine.kv_manager.prefix_cache
+
+    def dump_prefix_cache(self) -> str:
+        """The prefix tree as text, with a preview of each node's tokens."""
+        if self.prefix_cache is None:
+            return "prefix caching is off"
+        return self.prefix_cache.dump(self.engine.tokenizer.decode)
 
     def generate(
         self,

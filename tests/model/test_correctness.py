@@ -174,3 +174,11 @@ def test_wrong_device_is_a_clear_error(llm_paged):
     k = torch.zeros(1, e.model_config.num_kv_heads, e.model_config.head_dim, device="meta")
     with pytest.raises(RuntimeError, match="cache is on cpu"):
         e.kv_cache.write(0, k, k, torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when no GPU is present")
+def test_cuda_unavailable_is_a_clear_error():
+    from kvserve import LLM
+
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        LLM("smollm2-135m", device="cuda")
