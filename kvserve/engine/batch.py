@@ -49,8 +49,8 @@ class AttnGroup:
     q_rows: torch.Tensor | slice  # rows of the flat [T] batch this group owns
     batch: int  # B: requests in the group
     q_len: int  # Q: queries per request (1 for the decode group)
-    kv_slots: torch.Tensor | slice  # [B, L] cache slots to read, or a slice when one request's slots are contiguous
-    mask: torch.Tensor | None = None  # [B, 1, Q, L] bool (True = attend) or None
+    kv_read: slice | tuple[torch.Tensor, int]  # slots (a view) or (block table [B, n], width) to gather; see KVCache.read
+    mask: torch.Tensor | None = None  # [B, 1, Q, L'] bool (True = attend), L' = keys read; None = all
     is_causal: bool = False  # a whole prompt at once: plain causal mask, no tensor needed
 
 

@@ -11,6 +11,7 @@ A paged cache has many small blocks; the contiguous cache is the same tensor wit
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kvserve.kv.spec import KVSpec
@@ -22,13 +23,24 @@ class KVCache:
     def __init__(self, spec: KVSpec, num_blocks: int, block_size: int, device: torch.device | str = "cpu"):
         self.spec, self.num_blocks, self.block_size = spec, num_blocks, block_size
         shape = (spec.num_layers, num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
-        # empty, not zeros: slots are always written before they are read, and untouched pages cost no RAM.
+        # empty, not zeros: untouched pages cost no RAM, so a large contiguous reservation is cheap
+        # until used. But reads cover whole blocks, and masked positions past a request's length
+        # must hold finite values (a zero attention weight times NaN is still NaN): each block is
+        # zeroed the first time it is handed out (see ``prepare``); after that it holds stale but
+        # finite K/V. Block 0, the null block that pads block tables, is zeroed now.
         self.k = torch.empty(shape, dtype=spec.dtype, device=device)
         self.v = torch.empty(shape, dtype=spec.dtype, device=device)
-        # Block 0 is the null block: padded reads point here, so it must hold finite values
-        # (a NaN times a zero attention weight is still NaN).
-        self.k[:, :block_size].zero_()
-        self.v[:, :block_size].zero_()
+        self._zeroed = np.zeros(num_blocks, dtype=bool)
+        self.prepare(np.array([0]))
+
+    def prepare(self, block_ids: np.ndarray) -> None:
+        """Zero the blocks among ``block_ids`` that have never been used (once per block)."""
+        fresh = block_ids[~self._zeroed[block_ids]]
+        if fresh.size:
+            for b in fresh.tolist():
+                self.k[:, b * self.block_size : (b + 1) * self.block_size].zero_()
+                self.v[:, b * self.block_size : (b + 1) * self.block_size].zero_()
+            self._zeroed[fresh] = True
 
     @property
     def device(self) -> torch.device:
@@ -45,11 +57,24 @@ class KVCache:
         self.k[layer].index_copy_(0, slot_mapping, k)
         self.v[layer].index_copy_(0, slot_mapping, v)
 
-    def read(self, layer: int, slots: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V at ``slots``: a slice gives a view (one request with contiguous slots), an index tensor a gather."""
-        if isinstance(slots, slice):
-            return self.k[layer, slots], self.v[layer, slots]
-        return self.k[layer][slots], self.v[layer][slots]
+    def read(self, layer: int, where: slice | tuple[torch.Tensor, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of the cached tokens of some requests.
+
+        ``where`` is a slice of slots (one request whose blocks sit side by side: a view, no copy), or
+        ``(block_table [B, n], width)``: a gather of whole blocks -> ``[B, width, kv_heads, head_dim]``,
+        width = n * block_size, or less when each request has one (large) block. Positions past a
+        request's length hold finite stale values; the caller masks them."""
+        if isinstance(where, slice):
+            return self.k[layer, where], self.v[layer, where]
+        table, width = where
+        B, n = table.shape
+        blocks = table.reshape(-1)
+        per_block = min(self.block_size, width)
+        out = []
+        for cache in (self.k[layer], self.v[layer]):
+            view = cache.view(self.num_blocks, self.block_size, *cache.shape[1:])[:, :per_block]
+            out.append(view.index_select(0, blocks).view(B, n * per_block, *cache.shape[1:])[:, :width])
+        return out[0], out[1]
 
     # -- moving whole blocks (swap preemption) --------------------------------------------------
     def block_slots(self, block_ids: list[int]) -> torch.Tensor:

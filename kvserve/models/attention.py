@@ -26,7 +26,7 @@ def attention(
     for g in batch.groups:
         # [B*Q, Hq, D] -> [B, Hq, Q, D]
         qg = q[g.q_rows].view(g.batch, g.q_len, n_heads, head_dim).transpose(1, 2)
-        kc, vc = kv.read(layer, g.kv_slots)  # [B, L, Hkv, D] or [L, Hkv, D]
+        kc, vc = kv.read(layer, g.kv_read)  # [B, L, Hkv, D] or [L, Hkv, D]
         kc = kc.view(g.batch, -1, *kc.shape[-2:]).transpose(1, 2)  # [B, Hkv, L, D]
         vc = vc.view(g.batch, -1, *vc.shape[-2:]).transpose(1, 2)
         o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=g.mask, is_causal=g.is_causal, enable_gqa=True)

@@ -44,8 +44,7 @@ def test_prefill_logits_match_hf(llm_contiguous, hf_model, tokenizer):
         req = Request("logits", ids, SamplingParams())
         assert e.kv_manager.allocate_slots(req, len(ids)) is not None
         try:
-            batch = build_forward_batch(SchedulerOutput([ScheduledRequest(req, len(ids))]), e.kv_cache.block_size,
-                                        e.model.device)
+            batch = build_forward_batch(SchedulerOutput([ScheduledRequest(req, len(ids))]), e.kv_cache)
             batch.logits_idx = torch.arange(len(ids))
             ours = e.model.compute_logits(e.model.forward(batch, e.kv_cache))
         finally:
