@@ -44,6 +44,7 @@ class LLM:
     ):
         cache = CacheConfig(kv_cache, block_size, kv_cache_memory, num_kv_blocks, kv_cache_dtype,
                             enable_prefix_caching, preemption_mode, swap_space)
+        # max_model_len None: the engine fills in the model's context length once it has read the model
         sched = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len or 1, enable_chunked_prefill)
         self.engine = LLMEngine(EngineConfig(model, dtype, device, quantization, seed, max_model_len, cache, sched))
 
@@ -70,9 +71,10 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs in the order of the prompts.
+        """Run every prompt to completion; outputs in the order of the prompts. A progress bar with
+        input/output tok/s shows for batches of more than one prompt (``use_tqdm`` forces it on or off).
 
         A prompt is a string, a list of token ids, or ``{"prompt_token_ids": [...]}``.
         """
@@ -86,14 +88,14 @@ class LLM:
         order = []
         for p, pid, sp in zip(prompts, ids, params):
             order.append(self.engine.add_request(p if isinstance(p, str) else None, sp, prompt_token_ids=pid))
-        return self._run(order, use_tqdm)
+        return self._run(order, len(order) > 1 if use_tqdm is None else use_tqdm)
 
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
-        use_tqdm: bool = False,
+        use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (a list of messages) or several."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages

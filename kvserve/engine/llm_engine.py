@@ -73,6 +73,9 @@ def plan_kv_pool(spec: KVSpec, cache: CacheConfig, sched: SchedulerConfig) -> tu
         # one max_model_len block per sequence slot, plus the null block
         return sched.max_num_seqs + 1, sched.max_model_len
     bs = cache.block_size
+    if cache.kv_cache == "off" and cache.num_kv_blocks is None and cache.kv_cache_memory is None:
+        # scratch space for one step's recompute of every running sequence, nothing more
+        return sched.max_num_seqs * cdiv(sched.max_model_len, bs) + 1, bs
     if cache.num_kv_blocks is not None:
         num_blocks = cache.num_kv_blocks
     else:
@@ -259,7 +262,7 @@ class LLMEngine:
         children = self.parents[parent_id]
         first = children[0]
         outs = [
-            CompletionOutput(c.index, c.text, list(c.output_token_ids),
+            CompletionOutput(c.index, self._stable_text(c), list(c.output_token_ids),
                              list(c.output_logprobs) if c.params.logprobs is not None else None,
                              c.finish_reason, c.stop_reason)
             for c in children
@@ -274,6 +277,18 @@ class LLMEngine:
             self.parents.pop(parent_id, None)
         return RequestOutput(parent_id, first.prompt, first.prompt_token_ids, outs, finished,
                              max(first.num_cached_tokens, 0), metrics)
+
+    @staticmethod
+    def _stable_text(req: Request) -> str:
+        """The text so far, minus what may still change: a trailing half of a multi-byte character,
+        and the last len(stop) - 1 characters that could be the start of a stop string. So every
+        cumulative output is a prefix of the final text, and streamed deltas never need taking back."""
+        text = req.text
+        if req.is_finished:
+            return text
+        if req.params.stop:
+            text = text[: max(0, len(text) - (max(len(s) for s in req.params.stop) - 1))]
+        return text.rstrip("\ufffd")
 
     # ------------------------------------------------------------------ stats
     def kv_bytes_in_use(self) -> int:

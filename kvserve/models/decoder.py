@@ -65,13 +65,14 @@ class Decoder:
         T = batch.num_tokens
         h = self.embed[batch.input_ids]  # [T, hidden]
         cos, sin = self.rotary(batch.positions)
+        qk_size = cfg.q_size + cfg.kv_size
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
             qkv = layer.qkv_proj(x)
-            q = qkv[:, : cfg.q_size].view(T, cfg.num_heads, cfg.head_dim)
-            k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(T, cfg.num_kv_heads, cfg.head_dim)
-            v = qkv[:, cfg.q_size + cfg.kv_size :].view(T, cfg.num_kv_heads, cfg.head_dim)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            # q and k sit side by side in qkv: rotate them as one [T, Hq + Hkv, D] tensor (half the ops)
+            qk = apply_rotary(qkv[:, : qk_size].view(T, -1, cfg.head_dim), cos, sin)
+            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
+            v = qkv[:, qk_size:].view(T, cfg.num_kv_heads, cfg.head_dim)
             o = attention(q, k, v, kv, i, batch)
             h = h + layer.o_proj(o.reshape(T, cfg.q_size))
             x = rms_norm(h, layer.post_attn_norm, cfg.rms_norm_eps)

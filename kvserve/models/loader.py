@@ -147,15 +147,14 @@ _HF_NAMES = {
 }
 
 
-def _load_hf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
+def _hf_config(path: Path) -> ModelConfig:
+    """The ModelConfig of a HF folder, from its config.json."""
     hc = json.loads((path / "config.json").read_text())
     if hc.get("model_type") not in ("llama", "mistral", "qwen2", None):
         raise ValueError(f"unsupported model_type {hc.get('model_type')!r} (kvserve runs the Llama family)")
     n_heads = hc["num_attention_heads"]
     eos = hc.get("eos_token_id")
-    cfg = ModelConfig(
+    return ModelConfig(
         vocab_size=hc["vocab_size"],
         hidden_size=hc["hidden_size"],
         intermediate_size=hc["intermediate_size"],
@@ -171,6 +170,12 @@ def _load_hf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, tor
         eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
         name=path.name,
     )
+
+
+def _load_hf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    cfg = _hf_config(path)
     weights: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
         for k, w in load_file(str(f)).items():
@@ -182,6 +187,20 @@ def _load_hf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, tor
                 k = {"embed_tokens.weight": "embed", "norm.weight": "norm", "lm_head.weight": "lm_head"}.get(k, k)
             weights[k] = w.to(dtype)
     return cfg, weights
+
+
+@functools.lru_cache(maxsize=4)
+def load_model_config(src: ModelSource) -> ModelConfig:
+    """The model's architecture from its metadata alone: no tensor is read or dequantized.
+
+    For GGUF, GGUFReader memory-maps the file and parses the header and tensor index only (the
+    tokenizer arrays make that take a few seconds in pure Python, hence the per-process cache;
+    callers must not modify the returned config)."""
+    if src.kind == "gguf":
+        from gguf import GGUFReader
+
+        return _gguf_config(GGUFReader(src.path), src.name)
+    return _hf_config(src.path)
 
 
 @functools.lru_cache(maxsize=2)

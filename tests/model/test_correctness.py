@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvserve import SamplingParams
-from tests.conftest import PROMPTS
+from tests.conftest import PROMPTS, make_llm
 
 GREEDY_64 = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
 
@@ -181,3 +181,31 @@ def test_cuda_unavailable_is_a_clear_error():
 
     with pytest.raises(ValueError, match="no CUDA GPU"):
         LLM("smollm2-135m", device="cuda")
+
+
+def test_streamed_text_only_grows_and_never_shows_a_stop_string(llm_paged):
+    """Cumulative outputs are prefixes of the final text: the engine holds back what a stop string
+    could still cut, so a streaming client never has to take characters back."""
+    e = llm_paged.engine
+    full = llm_paged.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0]
+    stop = " " + " ".join(full.outputs[0].text.split()[5:7])  # two words, several tokens
+    e.add_request(PROMPTS[2], SamplingParams(temperature=0, max_tokens=40, stop=[stop]))
+    texts = []
+    while e.has_unfinished_requests():
+        texts += [o.outputs[0].text for o in e.step()]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    assert stop not in texts[-1] and all(stop not in t for t in texts)
+    assert texts[-1] == full.outputs[0].text[: full.outputs[0].text.index(stop)]
+
+
+def test_estimate_equals_the_bytes_the_engine_allocates(llm_contiguous):
+    """`kvserve estimate` (config only) predicts exactly what a real engine allocates."""
+    from kvserve.cli import estimate
+
+    e = llm_contiguous.engine
+    est = estimate("smollm2-135m", seq_len=512, batch=8, dtype="float32", kv_cache="contiguous")
+    assert est["allocated_bytes"] == e.kv_cache.nbytes == e.kv_cache.k.nbytes * 2
+    assert est["formula_bytes"] == 2 * 30 * 3 * 64 * 512 * 8 * 4  # the seeds' formula, fp32
+    paged = make_llm(kv_cache="paged", num_kv_blocks=8 * 32 + 1, max_num_seqs=8)
+    est = estimate("smollm2-135m", seq_len=512, batch=8, dtype="float32", kv_cache="paged")
+    assert est["allocated_bytes"] == paged.engine.kv_cache.nbytes

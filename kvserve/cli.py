@@ -1,0 +1,564 @@
+"""The ``kvserve`` command line.
+
+    kvserve generate "The capital of France is" --max-tokens 16     # stream one completion, then its timings
+    kvserve generate "Tell me a joke" --chat                        # the same through the chat template
+    kvserve chat --system "You are terse."                          # multi-turn REPL (or piped lines)
+    kvserve estimate --model smollm2-135m --seq-len 4096 --batch 8  # KV memory arithmetic, config only
+    kvserve info --model smollm2-135m                               # architecture, config only
+    kvserve serve                                                   # the OpenAI-compatible HTTP server
+
+Every subcommand returns an exit code: 0 on success, 2 for a bad argument or a request the engine
+refuses (unknown model, prompt longer than the context, a KV cache too small), 130 on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from kvserve.models.loader import DEFAULT_MODEL, MODEL_ALIASES
+
+log = logging.getLogger("kvserve.cli")
+
+TABLE_SEQ_LENS = (512, 1024, 2048, 4096, 8192)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as ``error: ...``, exit code 2."""
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def _engine_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model alias ({', '.join(sorted(MODEL_ALIASES))}), a .gguf file or a HF folder "
+                        "(default: %(default)s)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV dtype (default: %(default)s: bf16 on CUDA or a CPU with fast bf16, else fp32)")
+    g.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cpu")
+    g.add_argument("--kv-cache", default="paged", choices=["paged", "contiguous", "off"],
+                   help="paged block pool, the seeds' contiguous cache, or none (recompute) (default: %(default)s)")
+    g.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
+    g.add_argument("--quantization", default=None, choices=["int8"], help="weight-only quantization")
+    g.add_argument("--block-size", type=int, default=16, help="paged block size in tokens (default: %(default)s)")
+    g.add_argument("--kv-cache-memory", default=None, help="paged pool size, e.g. 256MiB (default: 1GiB)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off (paged)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampler's random stream")
+    return p
+
+
+def _sampling_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128, help="default: %(default)s")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1, help="-1: off")
+    return p
+
+
+def _verbose_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand's -v must not reset one given before the subcommand
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at INFO level")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvserve",
+                                     description="kvserve: KV-cache-centred LLM inference from the command line.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.split("\n")[2:9]))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    engine, sampling, verbose = _engine_parent(), _sampling_parent(), _verbose_parent()
+
+    p = sub.add_parser("generate", parents=[verbose, engine, sampling], help="stream one completion",
+                       description="Generate from one prompt, streaming tokens to stdout; timings and KV memory "
+                                   "go to stderr.")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user turn")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", parents=[verbose, engine, sampling], help="interactive multi-turn chat",
+                       description="Chat with the model: one line of stdin is one user turn (EOF or /exit ends, "
+                                   "/reset forgets the conversation). Per-turn stats go to stderr.")
+    p.add_argument("--system", default=None, help="a system message")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("cache-tree", parents=[verbose, engine, sampling], help="run prompts, then print the prefix tree",
+                       description="Run the prompts one after another through the paged cache with prefix caching, "
+                                   "then print the radix tree of cached prefixes (tokens, blocks, locks, last access, "
+                                   "a preview of the text) and the hit statistics.")
+    p.add_argument("prompts", nargs="+", help="prompt texts, run in order")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template as a user turn")
+    p.set_defaults(func=cmd_cache_tree)
+
+    p = sub.add_parser("estimate", parents=[verbose], help="KV cache memory for a model, sequence length and batch",
+                       description="The seeds' KV formula with the model's numbers, what the engine would allocate, "
+                                   "and what fits a memory budget. Reads the model config only.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model alias or path (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence (prompt + output)")
+    p.add_argument("--batch", type=int, required=True, help="sequences held at once")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="KV dtype (default: %(default)s)")
+    p.add_argument("--kv-cache", default="paged", choices=["paged", "contiguous"], help="default: %(default)s")
+    p.add_argument("--block-size", type=int, default=16, help="paged block size (default: %(default)s)")
+    p.add_argument("--memory", default="4GiB", help="memory budget for the fit table (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("info", parents=[verbose], help="model architecture (config only)",
+                       description="The model's architecture and KV cost per token, read from its metadata only.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model alias or path (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+
+    try:  # the HTTP server's subcommand lives with the server (and needs its optional dependencies at run time)
+        from kvserve.server.cli import add_serve_parser
+    except ImportError:  # pragma: no cover - the server package is optional
+        pass
+    else:
+        add_serve_parser(sub)
+    return parser
+
+
+# ---------------------------------------------------------------- generate / chat
+
+
+def _build_llm(args: argparse.Namespace):
+    from kvserve.llm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(
+        args.model, dtype=args.dtype, device=args.device, quantization=args.quantization, kv_cache=args.kv_cache,
+        block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=False if args.no_prefix_caching else None,
+        max_model_len=args.max_model_len, max_num_seqs=1,  # one conversation: one sequence slot is enough
+        seed=args.seed,
+    )
+    log.info("loaded %s in %.2f s", args.model, time.perf_counter() - t0)
+    return llm
+
+
+def _sampling_params(args: argparse.Namespace):
+    from kvserve.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k)
+
+
+@dataclass
+class StreamResult:
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    finish_reason: str | None
+    ttft_s: float | None  # add_request -> first token
+    decode_s: float  # first token -> last token
+    peak_kv_bytes: int  # most KV bytes live requests held after any step
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        if self.output_tokens < 2 or self.decode_s <= 0:
+            return None
+        return (self.output_tokens - 1) / self.decode_s
+
+
+class _Printer:
+    """Writes the growing completion text as deltas.
+
+    The text is re-decoded from all tokens each step, so a multi-byte character split across tokens
+    shows as U+FFFD until its last byte arrives: hold such a tail back until it settles."""
+
+    def __init__(self, out):
+        self.out, self.printed = out, ""
+
+    def update(self, text: str, final: bool = False) -> None:
+        stable = text if final else text.rstrip("\ufffd")
+        # Printed text cannot be taken back: should the decoder ever rewrite earlier characters
+        # (it does not for SentencePiece/BPE byte-level tokenizers), print what lies past the old end.
+        delta = stable[len(self.printed):]
+        if delta:
+            self.out.write(delta)
+            self.out.flush()
+        if len(stable) >= len(self.printed):
+            self.printed = stable
+
+
+def stream_request(engine, prompt: str | None, params, prompt_token_ids: list[int] | None = None,
+                   out=None) -> StreamResult:
+    """Run one request to completion through ``engine.step()``, writing its text to ``out`` as it grows."""
+    out = out or sys.stdout
+    printer = _Printer(out)
+    t0 = time.perf_counter()
+    rid = engine.add_request(prompt, params, prompt_token_ids=prompt_token_ids)
+    t_first = t_last = None
+    peak_kv = 0
+    final = None
+    try:
+        while engine.has_unfinished_requests():
+            outputs = engine.step()
+            now = time.perf_counter()
+            peak_kv = max(peak_kv, engine.kv_bytes_in_use())
+            for o in outputs:
+                if o.request_id != rid:
+                    continue
+                c = o.outputs[0]
+                if c.token_ids:
+                    if t_first is None:
+                        t_first = now
+                    t_last = now
+                printer.update(c.text, final=o.finished)
+                if o.finished:
+                    final = o
+    except BaseException:
+        engine.abort_request(rid)
+        raise
+    if final is None:  # cannot happen with a single request; guard against a silent empty answer
+        raise RuntimeError(f"request {rid} ended without a final output")
+    c = final.outputs[0]
+    return StreamResult(
+        text=c.text, prompt_tokens=len(final.prompt_token_ids), output_tokens=len(c.token_ids),
+        cached_tokens=final.num_cached_tokens, finish_reason=c.finish_reason,
+        ttft_s=None if t_first is None else t_first - t0,
+        decode_s=0.0 if t_first is None else t_last - t_first, peak_kv_bytes=peak_kv,
+    )
+
+
+def _chat_prompt_ids(engine, messages: list[dict]) -> tuple[str, list[int]]:
+    text = engine.apply_chat_template(messages)
+    # The template already holds the special tokens: tokenize without adding more.
+    return text, engine.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _fmt_rate(r: float | None) -> str:
+    return "n/a" if r is None else f"{r:.1f} tok/s"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvserve.kv.spec import format_bytes
+
+    params = _sampling_params(args)
+    llm = _build_llm(args)
+    engine = llm.engine
+    if args.chat:
+        prompt, ids = _chat_prompt_ids(engine, [{"role": "user", "content": args.prompt}])
+    else:
+        prompt, ids = args.prompt, None
+    r = stream_request(engine, prompt, params, prompt_token_ids=ids)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+    kv = engine.kv_cache
+    mode = engine.config.cache.kv_cache
+    unit = "slot" if mode == "contiguous" else "block"
+    dtype = str(engine.kv_spec.dtype).removeprefix("torch.")
+    ttft = "n/a" if r.ttft_s is None else f"{r.ttft_s * 1e3:.1f} ms"
+    decode = _fmt_rate(r.decode_tok_s)
+    if r.decode_tok_s is not None:
+        decode += f" ({r.output_tokens - 1} tokens in {r.decode_s:.2f} s)"
+    cached = f" ({r.cached_tokens} from prefix cache)" if r.cached_tokens else ""
+    lines = [
+        "---",
+        f"model:          {args.model} ({engine.device}, {str(engine.dtype).removeprefix('torch.')}, "
+        f"loaded in {engine.load_seconds:.2f} s)",
+        f"TTFT:           {ttft}",
+        f"decode:         {decode}",
+        f"prompt tokens:  {r.prompt_tokens}{cached}",
+        f"output tokens:  {r.output_tokens} (finish: {r.finish_reason})",
+        f"KV in use:      {format_bytes(r.peak_kv_bytes)} (peak over the steps; "
+        f"{format_bytes(engine.kv_spec.bytes_per_token)} per token, {dtype})",
+        f"KV allocated:   {format_bytes(kv.nbytes)} ({mode}: {kv.num_blocks - 1} {unit}s x {kv.block_size} tokens "
+        f"+ the null {unit})",
+    ]
+    if mode == "off":
+        lines[-1] += " - reserved but never written: --kv-cache off recomputes every step"
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    return 0
+
+
+def _read_turns(stdin):
+    """User turns: lines typed at a ``> `` prompt on a terminal, else lines of piped stdin."""
+    if stdin.isatty():
+        while True:
+            try:
+                yield input("> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return
+    else:
+        for line in stdin:
+            yield line.rstrip("\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
+    llm = _build_llm(args)
+    engine = llm.engine
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    if sys.stdin.isatty():
+        print(f"kvserve chat: {args.model}, max_model_len {engine.max_model_len}. "
+              "/exit (or Ctrl-D) ends, /reset forgets the conversation.", file=sys.stderr)
+    turn = 0
+    for line in _read_turns(sys.stdin):
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/tree":  # the prefix tree as it stands: this conversation's turns, block by block
+            print(llm.dump_prefix_cache(), file=sys.stderr, flush=True)
+            continue
+        if line == "/reset":
+            messages = list(system)
+            print("[conversation reset]", file=sys.stderr, flush=True)
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt, ids = _chat_prompt_ids(engine, messages)
+        try:
+            r = stream_request(engine, prompt, params, prompt_token_ids=ids)
+        except ValueError as e:  # the conversation outgrew the context: drop this turn, keep the REPL
+            messages.pop()
+            print(f"error: {e} (use /reset to start over)", file=sys.stderr, flush=True)
+            continue
+        except KeyboardInterrupt:
+            messages.pop()
+            print("\n[interrupted]", file=sys.stderr, flush=True)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": r.text})
+        turn += 1
+        ttft = "" if r.ttft_s is None else f", TTFT {r.ttft_s * 1e3:.0f} ms"
+        print(f"[turn {turn}: {r.prompt_tokens} prompt tokens, {r.cached_tokens} from cache, "
+              f"{r.output_tokens} new tokens{ttft}, {_fmt_rate(r.decode_tok_s)}]", file=sys.stderr, flush=True)
+    return 0
+
+
+def cmd_cache_tree(args: argparse.Namespace) -> int:
+    if args.kv_cache != "paged" or args.no_prefix_caching:
+        raise CLIError("cache-tree needs the paged cache with prefix caching (the defaults)")
+    params = _sampling_params(args)
+    llm = _build_llm(args)
+    for text in args.prompts:
+        out = (llm.chat([{"role": "user", "content": text}], params) if args.chat else llm.generate(text, params))[0]
+        print(f"[{len(out.prompt_token_ids)} prompt tokens, {out.num_cached_tokens} from cache] "
+              f"{text[:40]!r} -> {out.outputs[0].text[:60]!r}", file=sys.stderr)
+    print(llm.dump_prefix_cache())
+    st = llm.cache_stats()
+    print(f"prefix cache: {st['prefix_cache_hits']} of {st['prefix_cache_queries']} prompt tokens hit "
+          f"({st['prefix_cache_hit_rate']:.0%}), {st['blocks_cached']} blocks cached, "
+          f"{st['prefix_cache_evicted_blocks']} evicted")
+    return 0
+
+
+# ---------------------------------------------------------------- estimate / info
+
+
+def _load_config(model: str):
+    from kvserve.models.loader import load_model_config, resolve_model
+
+    return load_model_config(resolve_model(model))
+
+
+def _kv_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def estimate(model: str, seq_len: int, batch: int, dtype: str = "float32", kv_cache: str = "paged",
+             block_size: int = 16, memory: str | int = "4GiB") -> dict:
+    """Everything ``kvserve estimate`` prints, as a dict (bytes as ints)."""
+    from kvserve.config import CacheConfig, SchedulerConfig, parse_bytes
+    from kvserve.engine.llm_engine import plan_kv_pool
+    from kvserve.kv.manager import cdiv
+    from kvserve.kv.spec import KVSpec, dtype_bytes
+
+    if seq_len < 1 or batch < 1:
+        raise CLIError(f"--seq-len and --batch must be >= 1, got {seq_len} and {batch}")
+    budget = parse_bytes(memory)
+    cfg = _load_config(model)
+    spec = KVSpec.from_model(cfg, _kv_dtype(dtype))
+    bpt = spec.bytes_per_token
+    if kv_cache == "paged":
+        # a pool that holds the whole batch at full length (plus the null block)
+        cache = CacheConfig("paged", block_size, num_kv_blocks=batch * cdiv(seq_len, block_size) + 1)
+    else:
+        cache = CacheConfig("contiguous", block_size)
+    num_blocks, bs = plan_kv_pool(spec, cache, SchedulerConfig(max_num_seqs=batch, max_model_len=seq_len))
+    allocated = num_blocks * bs * bpt
+    formula = spec.formula_bytes(seq_len, batch)
+    return {
+        "model": cfg.name,
+        "num_layers": spec.num_layers,
+        "num_kv_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "dtype": dtype,
+        "dtype_bytes": dtype_bytes(spec.dtype),
+        "seq_len": seq_len,
+        "batch": batch,
+        "kv_cache": kv_cache,
+        "bytes_per_token": bpt,
+        "formula_bytes": formula,
+        "num_blocks": num_blocks,
+        "block_size": bs,
+        "allocated_bytes": allocated,
+        "null_block_bytes": bs * bpt,
+        "padding_bytes": allocated - formula - bs * bpt,  # the last paged block of each sequence, rounded up
+        "model_context_length": cfg.max_position_embeddings,
+        "memory_bytes": budget,
+        "max_batch_at_seq": budget // (bpt * seq_len),
+        "max_seq_at_batch": budget // (bpt * batch),
+        "max_batch_table": {str(s): budget // (bpt * s) for s in TABLE_SEQ_LENS},
+    }
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from kvserve.kv.spec import format_bytes
+
+    e = estimate(args.model, args.seq_len, args.batch, args.dtype, args.kv_cache, args.block_size, args.memory)
+    if args.json:
+        print(json.dumps(e, indent=2))
+        return 0
+    L, H, D, nb = e["num_layers"], e["num_kv_heads"], e["head_dim"], e["dtype_bytes"]
+    S, B, bpt = e["seq_len"], e["batch"], e["bytes_per_token"]
+    mem = format_bytes(e["memory_bytes"])
+    out = [
+        f"model {e['model']}: {L} layers, {H} KV heads, head_dim {D}, KV dtype {e['dtype']} ({nb} bytes)",
+        "",
+        "KV cache, the formula: 2 (K and V) * layers * kv_heads * head_dim * seq * batch * bytes",
+        f"  2 * {L} * {H} * {D} * {S} * {B} * {nb} = {e['formula_bytes']:,} bytes = {format_bytes(e['formula_bytes'])}",
+        f"  per token: 2 * {L} * {H} * {D} * {nb} = {bpt:,} bytes = {format_bytes(bpt)}",
+        "",
+    ]
+    if e["kv_cache"] == "paged":
+        out += [
+            f"the engine would allocate (paged, block_size {e['block_size']}): {e['num_blocks']} blocks x "
+            f"{e['block_size']} tokens x {bpt:,} bytes = {e['allocated_bytes']:,} bytes = "
+            f"{format_bytes(e['allocated_bytes'])}",
+            f"  = the formula + 1 null block ({format_bytes(e['null_block_bytes'])}, never handed out: it pads "
+            "block tables)" + (f" + {format_bytes(e['padding_bytes'])} rounding each sequence up to whole blocks"
+                               if e["padding_bytes"] else ""),
+        ]
+    else:
+        out += [
+            f"the engine would allocate (contiguous): {e['num_blocks']} slots x {e['block_size']} tokens x "
+            f"{bpt:,} bytes = {e['allocated_bytes']:,} bytes = {format_bytes(e['allocated_bytes'])}",
+            f"  = the formula + 1 null slot of {S} tokens ({format_bytes(e['null_block_bytes'])}): the +1 is the null "
+            "block that pads reads, never handed to a sequence",
+        ]
+    if S > e["model_context_length"]:
+        out.append(f"note: seq {S} is longer than the model's context ({e['model_context_length']} tokens)")
+    out += [
+        "",
+        f"in {mem} of KV memory (formula, no null block):",
+        f"  largest batch at seq {S}: {e['max_batch_at_seq']}",
+        f"  longest seq at batch {B}: {e['max_seq_at_batch']:,} tokens",
+        "",
+        f"  {'seq':>6}  {'KV per seq':>12}  {'max batch':>9}",
+    ]
+    for s in TABLE_SEQ_LENS:
+        ctx = "" if s <= e["model_context_length"] else "  (beyond the model's context)"
+        out.append(f"  {s:>6}  {format_bytes(s * bpt):>12}  {e['max_batch_table'][str(s)]:>9}{ctx}")
+    print("\n".join(out))
+    return 0
+
+
+def model_info(model: str) -> dict:
+    import torch
+
+    from kvserve.kv.spec import KVSpec
+
+    cfg = _load_config(model)
+    return {
+        "name": cfg.name,
+        "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "num_heads": cfg.num_heads,
+        "num_kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "gqa_group_size": cfg.num_heads // cfg.num_kv_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.vocab_size,
+        "rope_theta": cfg.rope_theta,
+        "context_length": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "num_params": cfg.num_params(),
+        "kv_bytes_per_token_fp32": KVSpec.from_model(cfg, torch.float32).bytes_per_token,
+        "kv_bytes_per_token_bf16": KVSpec.from_model(cfg, torch.bfloat16).bytes_per_token,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from kvserve.kv.spec import format_bytes
+
+    i = model_info(args.model)
+    if args.json:
+        print(json.dumps(i, indent=2))
+        return 0
+    n = i["num_params"]
+    ctx = i["context_length"]
+    rows = [
+        ("layers", i["num_layers"]),
+        ("hidden size", i["hidden_size"]),
+        ("attention heads", i["num_heads"]),
+        ("kv heads", i["num_kv_heads"]),
+        ("head dim", i["head_dim"]),
+        ("GQA group size", f"{i['gqa_group_size']} query heads per kv head"),
+        ("intermediate size", i["intermediate_size"]),
+        ("vocab size", i["vocab_size"]),
+        ("rope theta", f"{i['rope_theta']:g}"),
+        ("context length", ctx),
+        ("tied embeddings", "yes" if i["tie_word_embeddings"] else "no"),
+        ("parameters", f"{n / 1e6:.1f}M ({n:,})"),
+    ]
+    for label, key in (("fp32", "kv_bytes_per_token_fp32"), ("bf16", "kv_bytes_per_token_bf16")):
+        b = i[key]
+        rows.append((f"KV per token {label}", f"{b:,} bytes = {format_bytes(b)} "
+                                              f"({format_bytes(b * ctx)} for one {ctx}-token sequence)"))
+    width = max(len(r[0]) for r in rows)
+    print(f"model {i['name']}")
+    print("\n".join(f"  {label:<{width}}  {value}" for label, value in rows))
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse has already printed
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    verbose = getattr(args, "verbose", False)
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # stdout closed early (`kvserve ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (CLIError, ValueError, RuntimeError, OSError) as e:
+        if verbose:
+            log.exception("%s failed", args.command)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
