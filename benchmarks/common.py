@@ -1,0 +1,226 @@
+"""Helpers shared by the benchmarks: machine info, medians, tables, prompts of real text, JSON and PNG output.
+
+Nothing here imports matplotlib at module level: plots are optional and the import is slow.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# CPU flags that decide which kernels torch can use (bf16 / int8 / AMX paths).
+INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+# Real English prose (written for this benchmark), repeated and cut to the length a prompt needs.
+# Several paragraphs on different topics, so the prompt is not one sentence on a loop.
+PROSE = """\
+The history of the lighthouse is, in large part, the history of coastal trade. Long before electric lamps \
+and Fresnel lenses, sailors relied on bonfires lit on headlands to mark dangerous rocks and the mouths of \
+harbours. The Pharos of Alexandria, finished in the third century BC, stood for well over a thousand years \
+and gave its name to the word for lighthouse in several languages. Later towers were built of stone and \
+brick, and their keepers lived in small rooms below the lantern, trimming wicks and polishing glass through \
+the night so that ships could find their way home.
+
+A modern kitchen garden can feed a family for much of the year if it is planned with care. Beans, peas and \
+leafy greens grow quickly and can be sown in succession, a short row every two weeks, so that the harvest \
+arrives steadily rather than all at once. Root vegetables such as carrots and beetroot keep well in a cool \
+shed, while tomatoes and peppers need the warmest, most sheltered corner. Compost made from kitchen scraps \
+and fallen leaves returns nutrients to the soil, and a simple rotation of crops from bed to bed keeps \
+pests and diseases from building up.
+
+When a river floods, it spreads fine silt across the surrounding plain, and over centuries these deposits \
+build some of the most fertile farmland on earth. Early civilisations along the Nile, the Tigris and the \
+Yellow River learned to predict the yearly rise of the water and to store grain for the lean months. They \
+dug canals, raised embankments and kept careful records of each season, and many historians argue that \
+writing itself grew out of the need to count harvests, taxes and debts in these crowded river valleys.
+
+The design of a good library is a quiet balance between order and discovery. Shelves arranged by subject \
+let a reader walk straight to the book they came for, yet the neighbouring volumes invite a detour into \
+something unexpected. Reading rooms need steady light, soft sound and chairs that can be sat in for hours. \
+Many towns built their public libraries in the late nineteenth century with money from wealthy donors, and \
+for generations of children these buildings were the first place where the whole world seemed to be open \
+to them, one borrowed book at a time.
+"""
+
+
+# ---------------------------------------------------------------- machine
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, the flags that matter, torch build and threads, load average: enough to read a timing by."""
+    model, flags = None, set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model is None:
+                model = value.strip()
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - older torch
+        capability = "unknown"
+    try:
+        import transformers
+
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = None
+    return {
+        "cpu_model": model or platform.processor() or "unknown",
+        "cpu_flags": {f: f in flags for f in INTERESTING_FLAGS},
+        "logical_cpus": os.cpu_count(),
+        "torch_version": torch.__version__,
+        "torch_cpu_capability": capability,
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_num_interop_threads": torch.get_num_interop_threads(),
+        "transformers_version": tf_version,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average": list(load) if load else None,
+        "date": now_iso(),
+    }
+
+
+def format_cpu_info(info: dict[str, Any]) -> str:
+    flags = " ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["cpu_flags"].items())
+    amx = any(v for k, v in info["cpu_flags"].items() if k.startswith("amx"))
+    load = info.get("load_average")
+    lines = [
+        f"CPU:          {info['cpu_model']} ({info['logical_cpus']} logical CPUs)",
+        f"CPU flags:    {flags} (amx: {'yes' if amx else 'no'})",
+        f"torch:        {info['torch_version']}, cpu capability {info['torch_cpu_capability']}, "
+        f"{info['torch_num_threads']} threads ({info['torch_num_interop_threads']} interop)",
+        f"transformers: {info['transformers_version']}, python {info['python_version']}",
+    ]
+    if load:
+        lines.append(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min; >{info['logical_cpus']} "
+                     "means other work shares the CPUs)")
+    return "\n".join(lines)
+
+
+def now_iso() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """Median of the values that are not None; None when there are none."""
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    """A number for a table: fixed digits, thousands separators, '-' for missing."""
+    if value is None:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = True) -> str:
+    """A right-aligned text table (GitHub markdown when ``markdown``: pastes straight into docs)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    def line(r):  # noqa: E306
+        body = (" | " if markdown else "  ").join(c.rjust(w) for c, w in zip(r, widths))
+        return f"| {body} |" if markdown else body
+    out = [line(cells[0])]
+    if markdown:
+        out.append("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
+    else:
+        out.append("  ".join("-" * w for w in widths))
+    out += [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def prompt_ids(tokenizer, length: int, text: str = PROSE) -> list[int]:
+    """``length`` token ids of real text: ``text`` tokenized with the model's tokenizer (no special
+    tokens), repeated as needed and cut to exactly ``length``. Same ids for every system under test."""
+    base = tokenizer.encode(text, add_special_tokens=False)
+    if not base:
+        raise ValueError("the prompt text tokenized to nothing")
+    reps = -(-length // len(base))
+    return (base * reps)[:length]
+
+
+# ---------------------------------------------------------------- output
+
+
+def save_json(path: str | Path, obj: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    return path
+
+
+def save_line_plot(
+    path: str | Path,
+    series: dict[str, tuple[Sequence[float], Sequence[float | None]]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logx: bool = False,
+    logy: bool = False,
+    note: str | None = None,
+    styles: dict[str, dict] | None = None,
+) -> Path | None:
+    """One line per series (name -> (xs, ys); None ys are skipped; ``styles`` holds extra plot() keywords per
+    series). Returns None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    for name, (xs, ys) in series.items():
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+        if pts:
+            style = {"marker": "o", **((styles or {}).get(name, {}))}
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
+    if logx:
+        ax.set_xscale("log", base=2)
+        xs_all = sorted({x for xs, _ in series.values() for x in xs})
+        ax.set_xticks(xs_all)
+        ax.set_xticklabels([str(x) for x in xs_all])
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=7, alpha=0.8)
+    fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
