@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_serve_parser(sub)
+        from kvserve.server.bench import add_bench_parser
+
+        bench = sub.add_parser("bench", help="benchmarks against a running server (bench serve)")
+        add_bench_parser(bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True))
     return parser
 
 

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import os
-
-import pytest
-import torch
-
+# Before torch loads: OpenMP threads that busy-wait make a 2-core machine crawl when test processes
+# (the server, the client) share it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.manual_seed(0)
 
 PROMPTS = [

@@ -64,7 +64,10 @@ class Sampler:
         else:
             filtered = filter_logits(logits / p.temperature, p.top_k, p.top_p, p.min_p)
             probs = filtered.softmax(-1)
-            token = int(torch.multinomial(probs, 1, generator=req.generator or self.generator))
+            if torch.isfinite(probs).all() and probs.sum() > 0:
+                token = int(torch.multinomial(probs, 1, generator=req.generator or self.generator))
+            else:  # extreme parameters (a tiny temperature, huge penalties) overflowed: take the best token
+                token = int(logits.argmax())
         logprobs = None
         if p.logprobs is not None:
             lp = raw.log_softmax(-1)

@@ -35,12 +35,20 @@ class Linear:
         else:
             raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
 
+    # Above this many rows (prefill, big batches) the product is compute-bound: dequantizing the
+    # weight on the fly and running a plain x.dtype matmul beats the int8 kernel (slow with bf16 on AVX2).
+    INT8_MAX_ROWS = 16
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantization is None:
             return F.linear(x, self.weight)
         shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.act_dtype), self.weight, self.scale)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] > self.INT8_MAX_ROWS:
+            y = F.linear(x2, self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None])
+        else:
+            y = torch._weight_int8pack_mm(x2.to(self.act_dtype), self.weight, self.scale).to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
 
     def to(self, device: torch.device | str) -> "Linear":
         self.weight = self.weight.to(device)

@@ -1,0 +1,100 @@
+"""``kvserve serve``: load the model, start the engine thread, serve the app with uvicorn.
+
+Wiring into a top-level argparse CLI whose subcommands dispatch through ``args.func(args)``::
+
+    from kvserve.server.cli import add_serve_parser
+    add_serve_parser(subparsers)
+
+SIGTERM / SIGINT: the engine stops taking requests and aborts those in flight at once (their streams
+end with finish_reason "abort"), so uvicorn's graceful shutdown does not wait on long generations;
+then uvicorn closes the connections and the app's lifespan joins the engine thread.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+
+from kvserve.models.loader import DEFAULT_MODEL
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model alias or path (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $KVSERVE_API_KEY, else open)")
+    p.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: --model)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="most unfinished requests (running + waiting); one more gets 503 (default: no limit)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--kv-cache", choices=["paged", "contiguous", "off"], default="paged")
+    g.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
+    g.add_argument("--max-num-seqs", type=int, default=16)
+    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    g.add_argument("--quantization", default=None, help="weight quantization, e.g. int8")
+    g.add_argument("--kv-cache-memory", default=None, help="paged pool size, e.g. 512MiB (default 1GiB)")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off (paged)")
+    g.add_argument("--device", default=None, help="cpu (default) or cuda")
+    g.add_argument("--seed", type=int, default=None)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``serve`` subcommand to an argparse subparsers object; it sets ``func=run_server``."""
+    p = subparsers.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                              description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health "
+                                          "and /metrics.")
+    add_serve_args(p)
+    p.set_defaults(func=run_server)
+    return p
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, device=args.device, quantization=args.quantization, kv_cache=args.kv_cache,
+                block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                enable_prefix_caching=False if args.no_prefix_caching else None,
+                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvserve.engine.async_llm import AsyncLLM
+    from kvserve.server.app import build_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("kvserve.server")
+    llm = AsyncLLM(args.model, max_queue=args.max_queue, **engine_kwargs(args))
+    name = args.served_model_name or args.model
+    app = build_app(llm, name, api_key=args.api_key)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            llm.shutdown(wait=False)  # abort in-flight requests now, so their responses end
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_keep_alive=5, timeout_graceful_shutdown=30)
+    log.info("serving %s as %r on http://%s:%d (max_model_len=%d)", args.model, name, args.host, args.port,
+             llm.max_model_len)
+    # uvicorn restores the handlers it found and re-raises the signal once it has shut down; with
+    # these in place that is a no-op, so a SIGTERM ends in a clean exit(0) rather than death by signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        Server(config).run()
+    finally:
+        llm.shutdown()
+    log.info("server stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = add_serve_args(argparse.ArgumentParser(prog="python -m kvserve.server", description=__doc__.split("\n")[0]))
+    raise SystemExit(run_server(p.parse_args(argv)))
