@@ -69,23 +69,30 @@ class RadixPrefixCache:
         return upper
 
     # ------------------------------------------------------------------ match / insert
+    def _descend(self, node: Node, blocks: list[Block], i: int, now: int) -> tuple[Node, int] | None:
+        """Follow the child of ``node`` that starts with ``blocks[i]`` as far as it matches, splitting it
+        where the match ends. Returns (that child, blocks matched), or None when no child starts so."""
+        child = node.children.get(blocks[i])
+        if child is None:
+            return None
+        k = 0
+        while k < child.num_blocks and i + k < len(blocks) and child.blocks[k] == blocks[i + k]:
+            k += 1
+        if k < child.num_blocks:
+            child = self._split_node(child, k)
+        child.last_access = now
+        return child, k
+
     def match_prefix(self, token_ids: list[int]) -> MatchResult:
         """Longest cached block-aligned prefix of ``token_ids``: its block ids and the deepest node
         (lock that node while the blocks are in use). Touches the path (LRU)."""
         blocks = self._split_tokens(token_ids)
         node, ids, i = self.root, [], 0
         now = next(self._clock)
-        while i < len(blocks) and blocks[i] in node.children:
-            child = node.children[blocks[i]]
-            k = 0
-            while k < child.num_blocks and i + k < len(blocks) and child.blocks[k] == blocks[i + k]:
-                k += 1
-            if k < child.num_blocks:
-                child = self._split_node(child, k)
-            child.last_access = now
-            ids += child.block_ids
+        while i < len(blocks) and (step := self._descend(node, blocks, i, now)) is not None:
+            node, k = step
+            ids += node.block_ids
             i += k
-            node = child
         return MatchResult(ids, node)
 
     def insert(self, token_ids: list[int], block_ids: list[int]) -> int:
@@ -96,21 +103,15 @@ class RadixPrefixCache:
         node, i = self.root, 0
         now = next(self._clock)
         while i < len(blocks):
-            child = node.children.get(blocks[i])
-            if child is None:
+            step = self._descend(node, blocks, i, now)
+            if step is None:
                 new = Node(blocks[i:], list(block_ids[i : len(blocks)]), node, {}, 0, now)
                 node.children[blocks[i]] = new
                 self.pool.incref(new.block_ids)
                 self.num_blocks += new.num_blocks
                 return i
-            k = 0
-            while k < child.num_blocks and i + k < len(blocks) and child.blocks[k] == blocks[i + k]:
-                k += 1
-            if k < child.num_blocks:
-                child = self._split_node(child, k)
-            child.last_access = now
+            node, k = step
             i += k
-            node = child
         return i
 
     # ------------------------------------------------------------------ locks
