@@ -43,6 +43,7 @@ class Request:
     swapped_blocks: int = 0  # blocks whose K/V sit in the CPU swap pool
     finished_time: float | None = None
     prefix_node: object | None = None  # the prefix-tree node this request locked (kv.prefix_cache.Node)
+    num_blocks_in_tree: int = 0  # leading blocks already inserted into the prefix tree
     first_token_time: float | None = None
     parent_id: str | None = None  # set for the children of an n > 1 request
     index: int = 0  # which of the parent's n samples this is

@@ -120,6 +120,7 @@ class Scheduler:
         """Advance each scheduled request past the tokens it just computed."""
         for s in out.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_blocks(s.request)
             if self.cache_cfg.kv_cache == "off" and not s.request.is_finished:
                 # No cache: forget everything; the next step recomputes the whole sequence.
                 self.kv.free(s.request)

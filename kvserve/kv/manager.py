@@ -72,14 +72,25 @@ class KVCacheManager:
         request.block_ids.extend(new)
         return new
 
+    def cache_blocks(self, request: Request) -> None:
+        """Put the request's whole computed blocks (prompt and generated tokens alike) into the prefix
+        tree as soon as they are computed, not only when it finishes: requests that share a prefix
+        and arrive together then hit what the first one has already prefilled (vLLM does the same)."""
+        if self.prefix_cache is None:
+            return
+        n_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
+        if n_full > request.num_blocks_in_tree:
+            self.prefix_cache.insert(request.all_token_ids[: n_full * self.block_size], request.block_ids[:n_full])
+            request.num_blocks_in_tree = n_full
+
     def free(self, request: Request) -> None:
         """Drop the request's references, last block first, so its tail is reused before its head.
 
-        With a prefix cache, the request's whole computed blocks (prompt and generated tokens alike)
-        are first inserted into the tree, so a later request (or the next turn of a chat) finds them."""
+        With a prefix cache, its computed blocks stay in the tree (``cache_blocks``), so a later request
+        (or the next turn of a chat) finds them."""
         if self.prefix_cache is not None:
-            n_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
-            self.prefix_cache.insert(request.all_token_ids[: n_full * self.block_size], request.block_ids[:n_full])
+            self.cache_blocks(request)
+            request.num_blocks_in_tree = 0
             if request.prefix_node is not None:
                 self.prefix_cache.unlock(request.prefix_node)
                 request.prefix_node = None

@@ -141,7 +141,7 @@ class RadixPrefixCache:
     def evict(self, num_blocks: int) -> int:
         """Free at least ``num_blocks`` blocks (if possible) by dropping unlocked leaves, least
         recently used first. Returns how many blocks the pool got back."""
-        heap = [(n.last_access, id(n), n) for n in self._nodes() if not n.children and n.lock_ref == 0]
+        heap = [(n.last_access, id(n), n) for n in self._nodes() if self._evictable_leaf(n)]
         heapq.heapify(heap)
         freed = 0
         while heap and freed < num_blocks:
@@ -153,9 +153,15 @@ class RadixPrefixCache:
             self.evicted_blocks += leaf.num_blocks
             parent = leaf.parent
             del parent.children[leaf.blocks[0]]
-            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+            if parent is not self.root and self._evictable_leaf(parent):
                 heapq.heappush(heap, (parent.last_access, id(parent), parent))
         return freed
+
+    def _evictable_leaf(self, node: Node) -> bool:
+        """An unlocked leaf whose blocks only the tree holds: dropping it gives memory back (a running
+        request's freshly cached blocks are held by the request too, and stay)."""
+        return (node is not self.root and not node.children and node.lock_ref == 0
+                and all(self.pool.ref_cnt[b] == 1 for b in node.block_ids))
 
     # ------------------------------------------------------------------ inspection
     def check_integrity(self) -> None:

@@ -66,3 +66,15 @@ def test_eviction_under_a_small_pool_keeps_outputs_identical():
     stats = small.cache_stats()
     assert stats["prefix_cache_evicted_blocks"] > 0
     small.engine.kv_manager.check_integrity([])
+
+
+def test_requests_arriving_together_reuse_blocks_computed_moments_before():
+    """Blocks enter the tree as soon as they are computed: with a small token budget, requests
+    admitted later in the same batch hit the system prompt the first one has just prefilled."""
+    llm = make_llm(kv_cache="paged", num_kv_blocks=128, max_num_batched_tokens=64)
+    off = make_llm(kv_cache="paged", num_kv_blocks=128, enable_prefix_caching=False)
+    outs = llm.chat(convs()[:4], GREEDY)
+    assert tokens(outs) == tokens(off.chat(convs()[:4], GREEDY))
+    assert outs[0].num_cached_tokens == 0
+    assert all(o.num_cached_tokens >= 64 for o in outs[1:])
+    llm.engine.kv_manager.check_integrity([])
