@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_throughput import header, request_prompt_ids, setup_torch, warmup_prompts  # noqa: E402
-from common import RESULTS_DIR, fmt, format_table, now_iso, save_json  # noqa: E402
+from common import finish_figure, RESULTS_DIR, fmt, format_table, now_iso, save_json  # noqa: E402
 
 from kvserve.engine.llm_engine import resolve_dtype  # noqa: E402
 from kvserve.llm import LLM  # noqa: E402
@@ -206,12 +206,7 @@ def plot(path: Path, results: list[dict], title: str) -> Path | None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
     axes[-1].set_xlabel("time since the streams started (s)")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return finish_figure(fig, title, path)
 
 
 def main(argv=None) -> int:

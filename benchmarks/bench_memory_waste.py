@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_throughput import finish_workload_args, header, make_workload, setup_torch, workload_args  # noqa: E402
-from common import RESULTS_DIR, fmt, format_table, now_iso, save_json  # noqa: E402
+from common import finish_figure, RESULTS_DIR, fmt, format_table, now_iso, save_json  # noqa: E402
 
 from kvserve.engine.llm_engine import resolve_dtype  # noqa: E402
 from kvserve.llm import LLM  # noqa: E402
@@ -185,12 +185,7 @@ def plot(path: Path, traces: dict[str, dict], title: str) -> Path | None:
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title("waste after each step", fontsize=9)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return finish_figure(fig, title, path)
 
 
 def main(argv=None) -> int:

@@ -224,3 +224,15 @@ def save_line_plot(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def finish_figure(fig, title: str, path: Path) -> Path:
+    """Title, lay out, save and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
