@@ -120,13 +120,7 @@ class LLM:
             ids = self.engine.tokenize(prompt)
         else:
             ids = list(prompt)
-        n = len(ids)
-        if n >= self.engine.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.engine.max_model_len} tokens. However, your request "
-                f"has {n} input tokens. Please reduce the length of the input messages."
-            )
-        return ids
+        return self.engine.check_prompt(ids)
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

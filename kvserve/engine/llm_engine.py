@@ -148,6 +148,21 @@ class LLMEngine:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    def check_prompt(self, prompt_token_ids: list[int]) -> list[int]:
+        """The prompt as a list of ints, or a ValueError: empty, ids outside the vocabulary, or no room
+        left in the context (vLLM's wording, with both numbers)."""
+        ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise ValueError("the prompt is empty: it must hold at least one token")
+        if any(not 0 <= t < self.model_config.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
+                f"{len(ids)} input tokens. Please reduce the length of the input messages."
+            )
+        return ids
+
     def add_request(
         self,
         prompt: str | list[int] | None,
@@ -162,16 +177,7 @@ class LLMEngine:
             if prompt is None:
                 raise ValueError("a request needs a prompt or prompt_token_ids")
             prompt_token_ids = self.tokenize(prompt)
-        ids = [int(t) for t in prompt_token_ids]
-        if not ids:
-            raise ValueError("the prompt is empty: it must hold at least one token")
-        if any(not 0 <= t < self.model_config.vocab_size for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
-                f"{len(ids)} input tokens. Please reduce the length of the input messages."
-            )
+        ids = self.check_prompt(prompt_token_ids)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already running")
