@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup bench clean
+.PHONY: run test setup bench bench-llama clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kv_cache.py
+
+# The llama.cpp peer for benchmarks/bench_serve.py, in its own venv (compiles from source, ~8 min).
+bench-llama:
+	test -x .venv-llama/bin/python || python3 -m venv .venv-llama
+	.venv-llama/bin/pip install -q 'llama-cpp-python[server]'
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -46,6 +46,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=32, help="words per synthetic prompt")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (vLLM/kvserve extra) for fixed lengths")
+    p.add_argument("--min-tokens", type=int, default=None,
+                   help="send min_tokens (vLLM, kvserve and llama-cpp-python extra): with --max-tokens, fixed lengths")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--json-out", default=None, help="write the results as JSON here")
@@ -146,6 +148,8 @@ async def bench(args: argparse.Namespace) -> dict:
                  "stream": True, "stream_options": {"include_usage": True}}
             if args.ignore_eos:
                 b["ignore_eos"] = True
+            if args.min_tokens:
+                b["min_tokens"] = args.min_tokens
             return b
 
         url = f"{base}/v1/completions"

@@ -1,0 +1,229 @@
+"""Served throughput and latency (issue 6): kvserve's OpenAI server against llama.cpp's, same GGUF file.
+
+Each server runs alone on the machine (started, measured at every concurrency, stopped; then the next),
+on 127.0.0.1 and a free port, and is driven by ``kvserve bench serve`` (``kvserve/server/bench.py``):
+streaming ``/v1/completions``, ``--num-prompts`` synthetic prompts of ``--input-len`` words, greedy,
+``--max-tokens`` tokens each. Rounds repeat the whole sweep ``--rounds`` times and alternate the
+order of the servers; figures are medians over rounds.
+
+Servers:
+
+  kvserve    ``kvserve serve --model M --max-num-seqs 64`` (paged cache, continuous batching)
+  llama.cpp  ``python -m llama_cpp.server --model <the same .gguf> --n_ctx 4096 --n_threads <cores>``
+             from llama-cpp-python, in its own venv (``--llama-python``, default ``.venv-llama/bin/python``;
+             build it with ``make bench-llama``). Weights stay Q4_1 and the KV cache is f16; it serves one
+             request at a time.
+
+Every request sends ``min_tokens = max_tokens`` (both servers accept it), so each makes exactly
+``--max-tokens`` tokens; output tokens are counted from the servers' ``usage``.
+
+    .venv/bin/python benchmarks/bench_serve.py                  # concurrency 1, 4, 16, 64
+    .venv/bin/python benchmarks/bench_serve.py --quick          # concurrency 1 and 4, few prompts
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `kvserve` without an install
+
+from common import RESULTS_DIR, cpu_info, fmt, format_cpu_info, format_table, median, now_iso, save_json  # noqa: E402
+
+from kvserve.models.loader import DEFAULT_MODEL, resolve_model  # noqa: E402
+from kvserve.server.bench import add_bench_args, bench  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready ({url})")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"server not ready after {timeout:.0f} s: {url}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def server_command(name: str, args: argparse.Namespace, port: int) -> tuple[list[str], str]:
+    """The command that starts one server, and the URL that answers 200 once it is ready."""
+    base = f"http://127.0.0.1:{port}"
+    if name == "kvserve":
+        cmd = [sys.executable, "-m", "kvserve.cli", "serve", "--model", args.model, "--port", str(port),
+               "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"]
+        return cmd, f"{base}/health"
+    gguf = str(resolve_model(args.model).path)
+    cmd = [args.llama_python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
+           "--n_ctx", "4096", "--n_threads", str(os.cpu_count() or 1),
+           "--model_alias", "smollm2"]
+    return cmd, f"{base}/v1/models"
+
+
+def run_server_sweep(name: str, args: argparse.Namespace) -> dict[int, dict]:
+    port = free_port()
+    cmd, ready = server_command(name, args, port)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    log = open(RESULTS_DIR / f"bench_serve_{name}.log", "a")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    out = {}
+    try:
+        wait_ready(ready, proc)
+        for c in args.concurrency:
+            b = argparse.Namespace(**vars(args.bench))
+            b.base_url, b.concurrency = f"http://127.0.0.1:{port}", c
+            b.num_prompts = max(args.min_prompts, args.prompts_per_client * c)
+            b.min_tokens = b.max_tokens  # both servers take min_tokens: every request makes max_tokens
+            if args.warmup:
+                asyncio.run(bench(b))
+            res = asyncio.run(bench(b))
+            res.pop("requests", None)
+            res["mean_output_tokens"] = res["total_output_tokens"] / max(res["completed"], 1)
+            out[c] = res
+            print(f"  {name:<9} c={c:<3} {res['output_throughput']:.1f} tok/s  TTFT p50 "
+                  f"{res['ttft_s']['p50'] * 1000:.0f} ms  TPOT p50 {res['tpot_s']['p50'] * 1000:.1f} ms  "
+                  f"failed {res['failed']}", flush=True)
+    finally:
+        stop(proc)
+        log.close()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--prompts-per-client", type=int, default=2)
+    p.add_argument("--min-prompts", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--warmup", action="store_true", help="an untimed pass at each concurrency first")
+    p.add_argument("--llama-python", default=str(ROOT / ".venv-llama" / "bin" / "python"))
+    p.add_argument("--servers", default="kvserve,llama.cpp")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--tag", default="")
+    bench_args = add_bench_args(argparse.ArgumentParser(add_help=False))
+    args, rest = p.parse_known_args()
+    args.bench = bench_args.parse_args(rest)
+    if args.quick:
+        args.concurrency, args.rounds, args.min_prompts, args.prompts_per_client = "1,4", 1, 4, 1
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    servers = args.servers.split(",")
+    if "llama.cpp" in servers and not Path(args.llama_python).exists():
+        print(f"llama-cpp-python not found at {args.llama_python} (make bench-llama): kvserve only", file=sys.stderr)
+        servers.remove("llama.cpp")
+
+    machine = cpu_info()
+    print(format_cpu_info(machine))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    rounds: dict[str, list[dict[int, dict]]] = {s: [] for s in servers}
+    for r in range(args.rounds):
+        order = servers if r % 2 == 0 else servers[::-1]
+        for s in order:
+            print(f"round {r + 1}/{args.rounds}: {s}", flush=True)
+            rounds[s].append(run_server_sweep(s, args))
+
+    def med(s: str, c: int, get) -> float | None:
+        return median(get(rd[c]) for rd in rounds[s] if c in rd)
+
+    metrics = {
+        "output_tok_s": lambda x: x["output_throughput"],
+        "request_per_s": lambda x: x["request_throughput"],
+        "ttft_p50_ms": lambda x: x["ttft_s"]["p50"] * 1000,
+        "ttft_p99_ms": lambda x: x["ttft_s"]["p99"] * 1000,
+        "tpot_p50_ms": lambda x: x["tpot_s"]["p50"] * 1000,
+        "itl_p99_ms": lambda x: x["itl_s"]["p99"] * 1000,
+        "e2e_p50_s": lambda x: x["e2e_s"]["p50"],
+        "mean_output_tokens": lambda x: x["mean_output_tokens"],
+        "failed": lambda x: x["failed"],
+    }
+    summary = {s: {c: {k: med(s, c, f) for k, f in metrics.items()} for c in args.concurrency} for s in servers}
+    headers = ["concurrency", "server", "out tok/s", "req/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
+               "ITL p99 ms", "E2E p50 s", "tokens/req", "failed"]
+    rows = []
+    for c in args.concurrency:
+        for s in servers:
+            m = summary[s][c]
+            rows.append([c, s, fmt(m["output_tok_s"]), fmt(m["request_per_s"], 2), fmt(m["ttft_p50_ms"], 0),
+                         fmt(m["ttft_p99_ms"], 0), fmt(m["tpot_p50_ms"]), fmt(m["itl_p99_ms"]), fmt(m["e2e_p50_s"], 2),
+                         fmt(m["mean_output_tokens"]), fmt(m["failed"], 0)])
+    print(format_table(headers, rows))
+    ratios = {}
+    if "llama.cpp" in servers and "kvserve" in servers:
+        for c in args.concurrency:
+            a, b = summary["kvserve"][c]["output_tok_s"], summary["llama.cpp"][c]["output_tok_s"]
+            ratios[c] = a / b if a and b else None
+            print(f"output tok/s kvserve / llama.cpp at concurrency {c}: {fmt(ratios[c], 2)}x")
+
+    tag = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    path = save_json(RESULTS_DIR / f"bench_serve{tag}.json", {
+        "benchmark": "bench_serve", "date": now_iso(), "machine": machine, "settings": {
+            k: v for k, v in vars(args).items() if k != "bench"} | {"bench": vars(args.bench)},
+        "summary": summary, "ratio_output_tok_s_vs_llama_cpp": ratios, "rounds": rounds})
+    print(f"saved {path}")
+    plot(summary, args.concurrency, RESULTS_DIR / f"bench_serve{tag}.png", machine)
+
+
+def plot(summary: dict, concurrency: list[int], path: Path, machine: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    from common import finish_figure
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), dpi=110)
+    for s, per_c in summary.items():
+        xs = concurrency
+        axes[0].plot(xs, [per_c[c]["output_tok_s"] for c in xs], marker="o", label=s)
+        axes[1].plot(xs, [per_c[c]["ttft_p50_ms"] for c in xs], marker="o", label=s)
+        axes[2].plot(xs, [per_c[c]["tpot_p50_ms"] for c in xs], marker="o", label=s)
+    for ax, label in zip(axes, ("output tok/s", "TTFT p50 (ms)", "TPOT p50 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(concurrency)
+        ax.set_xticklabels([str(c) for c in concurrency])
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[1].set_yscale("log")
+    finish_figure(fig, f"Served /v1/completions (streaming), SmolLM2-135M; {machine['cpu_model']}, "
+                       f"{machine['logical_cpus']} CPUs", path)
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
