@@ -39,7 +39,7 @@ class Decoder:
     ):
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         dev = lambda t: t.to(self.device)  # noqa: E731
-        lin = lambda w: Linear(w, quantization).to(self.device)  # noqa: E731
+        lin = lambda w: Linear(w.to(self.device), quantization)  # noqa: E731
         self.layers: list[DecoderLayer] = []
         for i in range(cfg.num_layers):
             w = lambda name: weights[f"layers.{i}.{name}"]  # noqa: E731
