@@ -9,7 +9,8 @@ order of the servers; figures are medians over rounds.
 Servers:
 
   kvserve    ``kvserve serve --model M --max-num-seqs 64`` (paged cache, continuous batching)
-  llama.cpp  ``python -m llama_cpp.server --model <the same .gguf> --n_ctx 4096 --n_threads <cores>``
+  llama.cpp  ``python -m llama_cpp.server --model <the same .gguf> --n_ctx 4096 --n_threads <cores>
+             --interrupt_requests False``
              from llama-cpp-python, in its own venv (``--llama-python``, default ``.venv-llama/bin/python``;
              build it with ``make bench-llama``). Weights stay Q4_1 and the KV cache is f16; it serves one
              request at a time.
@@ -86,7 +87,9 @@ def server_command(name: str, args: argparse.Namespace, port: int) -> tuple[list
         return cmd, f"{base}/health"
     gguf = str(resolve_model(args.model).path)
     cmd = [args.llama_python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
-           "--n_ctx", "4096", "--n_threads", str(os.cpu_count() or 1),
+           "--n_ctx", "4096", "--n_threads", str(os.cpu_count() or 1), "--n_threads_batch", str(os.cpu_count() or 1),
+           # queue concurrent requests instead of cutting the streaming one short (its default)
+           "--interrupt_requests", "False",
            "--model_alias", "smollm2"]
     return cmd, f"{base}/v1/models"
 
