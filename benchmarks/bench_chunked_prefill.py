@@ -41,7 +41,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_throughput import header, request_prompt_ids, setup_torch, warmup_prompts  # noqa: E402
-from common import finish_figure, RESULTS_DIR, fmt, format_table, now_iso, save_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS_DIR, command_line, finish_figure, fmt, format_table, now_iso, pyplot, save_json, settings_of,
+)
 
 from kvserve.engine.llm_engine import resolve_dtype  # noqa: E402
 from kvserve.llm import LLM  # noqa: E402
@@ -181,13 +183,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def plot(path: Path, results: list[dict], title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(len(results), 1, figsize=(11, 2.6 * len(results) + 0.8), dpi=120, sharey=True)
     axes = axes if len(results) > 1 else [axes]
@@ -263,10 +260,9 @@ def main(argv=None) -> int:
     doc = {
         "benchmark": "chunked_prefill",
         "date": now_iso(),
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "command": command_line(),
         "machine": info,
-        "settings": {k: (v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v))
-                     for k, v in vars(a).items()},
+        "settings": settings_of(a),
         "method": __doc__,
         "results": results,
         "summary": summary,

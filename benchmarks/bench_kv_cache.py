@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `kvserve` without an install
 
 from common import (  # noqa: E402
-    RESULTS_DIR, cpu_info, fmt, format_cpu_info, format_table, median, now_iso, prompt_ids, save_json,
-    save_line_plot,
+    RESULTS_DIR, cpu_info, fmt, format_cpu_info, format_table, load_hf, median, now_iso, prompt_ids,
+    save_json, save_line_plot,
 )
 
 from kvserve.engine.llm_engine import resolve_dtype  # noqa: E402
@@ -129,18 +129,6 @@ class HFSystem:
         )
         tokens = out[0, len(ids):].tolist()
         return _timing(t0, streamer.times, tokens, n)
-
-
-def load_hf(src, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name, dtype=dtype)
-    model.eval()
-    return model, time.perf_counter() - t0
 
 
 def _timing(t0: float, stamps: list[float], tokens: list[int], n: int) -> dict:

@@ -52,7 +52,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_throughput import finish_workload_args, header, make_workload, setup_torch, workload_args  # noqa: E402
-from common import finish_figure, RESULTS_DIR, fmt, format_table, now_iso, save_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS_DIR, command_line, finish_figure, fmt, format_table, now_iso, pyplot, save_json, settings_of,
+)
 
 from kvserve.engine.llm_engine import resolve_dtype  # noqa: E402
 from kvserve.llm import LLM  # noqa: E402
@@ -156,13 +158,8 @@ def make_llm(a, dtype, **kw) -> LLM:
 
 
 def plot(path: Path, traces: dict[str, dict], title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), dpi=120)
     ax = axes[0]
@@ -295,10 +292,9 @@ def main(argv=None) -> int:
     doc = {
         "benchmark": "memory_waste",
         "date": now_iso(),
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "command": command_line(),
         "machine": info,
-        "settings": {k: (v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v))
-                     for k, v in vars(a).items()},
+        "settings": settings_of(a),
         "workload": {k: v for k, v in wl.items() if k != "prompts"},
         "method": __doc__,
         "results": results,

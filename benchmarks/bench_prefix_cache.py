@@ -57,7 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `kvserve` without an install
 
 from common import (  # noqa: E402
-    PROSE, RESULTS_DIR, cpu_info, fmt, format_cpu_info, format_table, median, now_iso, prompt_ids, save_json,
+    PROSE, RESULTS_DIR, cpu_info, fmt, format_cpu_info, format_table, left_pad, load_hf, median, now_iso, prompt_ids, pyplot,
+    save_json,
 )
 
 from kvserve.engine.llm_engine import resolve_dtype  # noqa: E402
@@ -301,26 +302,10 @@ def run_chat(llm: LLM, turns: list[list[list[dict]]] | None, questions: list[lis
             "final_histories": histories if turns is None else None}
 
 
-def load_hf(src, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name, dtype=dtype)
-    model.eval()
-    return model, time.perf_counter() - t0
-
-
 @torch.inference_mode()
 def hf_generate(model, prompts: list[list[int]], max_new: int, pad_id: int, eos: tuple[int, ...]) -> list[list[int]]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    ids, mask = left_pad(prompts, pad_id)
+    width = ids.shape[1]
     out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new, pad_token_id=pad_id,
                          eos_token_id=list(eos), temperature=None, top_p=None, top_k=None)
     return [strip_eos(row, eos) for row in out[:, width:].tolist()]
@@ -344,13 +329,8 @@ def run_hf_chat(model, on_run: dict, max_tokens: int, pad_id: int, eos: tuple[in
 
 
 def plot(path: Path, res: dict, title: str, note: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(15, 5), dpi=110)
     a = res["part1"]["ttft"]

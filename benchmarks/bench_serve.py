@@ -38,7 +38,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as a script
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `kvserve` without an install
 
-from common import RESULTS_DIR, cpu_info, fmt, format_cpu_info, format_table, median, now_iso, save_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS_DIR, cpu_info, finish_figure, fmt, format_cpu_info, format_table, median, now_iso, pyplot, save_json,
+)
 
 from kvserve.models.loader import DEFAULT_MODEL, resolve_model  # noqa: E402
 from kvserve.server.bench import add_bench_args, bench  # noqa: E402
@@ -199,15 +201,9 @@ def main() -> None:
 
 
 def plot(summary: dict, concurrency: list[int], path: Path, machine: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    from common import finish_figure
-
+    plt = pyplot()
+    if plt is None:
+        return None
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), dpi=110)
     for s, per_c in summary.items():
         xs = concurrency

@@ -44,7 +44,10 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as a script
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `kvserve` without an install
 
-from common import PROSE, RESULTS_DIR, cpu_info, fmt, format_cpu_info, format_table, now_iso, save_json  # noqa: E402
+from common import (  # noqa: E402
+    PROSE, RESULTS_DIR, command_line, cpu_info, fmt, format_cpu_info, format_table, left_pad, load_hf, now_iso,
+    pyplot, save_json, settings_of,
+)
 
 from kvserve.engine.llm_engine import resolve_dtype  # noqa: E402
 from kvserve.models.loader import DEFAULT_MODEL, load_tokenizer, resolve_model  # noqa: E402
@@ -213,26 +216,10 @@ def run_kvserve(a, wl: dict, dtype, max_num_seqs: int, max_num_batched_tokens: i
     return res
 
 
-def load_hf(a, dtype):
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    src = resolve_model(a.model)
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name, dtype=dtype)
-    model.eval()
-    return model, time.perf_counter() - t0
-
-
 @torch.inference_mode()
 def hf_generate_batch(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> list[list[int]]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    ids, mask = left_pad(prompts, pad_id)
+    width = ids.shape[1]
     out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
     return out[:, width:].tolist()
@@ -308,13 +295,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def plot(path: Path, results: list[dict], title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     names = [r["system"].replace("kvserve paged ", "kvserve\n").replace("HF generate static ", "HF\n") for r in results]
     vals = [r["output_tok_s"] for r in results]
@@ -361,7 +343,7 @@ def main(argv=None) -> int:
         print(f"  {r['system']}: {r['wall_s']:.1f} s, {r['output_tok_s']:.1f} tok/s", flush=True)
     hf_results = []
     if a.hf_batch_sizes:
-        model, hf_load = load_hf(a, dtype)
+        model, hf_load = load_hf(resolve_model(a.model), dtype)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         for bs in a.hf_batch_sizes:
             r = run_hf(model, wl, bs, pad)
@@ -414,10 +396,9 @@ def main(argv=None) -> int:
     doc = {
         "benchmark": "throughput",
         "date": now_iso(),
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "command": command_line(),
         "machine": info,
-        "settings": {k: (v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v))
-                     for k, v in vars(a).items()},
+        "settings": settings_of(a),
         "workload": {k: v for k, v in wl.items() if k != "prompts"},
         "method": {
             "kvserve": "LLM(kv_cache='paged', max_num_seqs, max_num_batched_tokens).generate(all prompt id lists, "

@@ -10,6 +10,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -176,6 +177,54 @@ def save_json(path: str | Path, obj: Any) -> Path:
     return path
 
 
+def command_line() -> str:
+    """How this script was run, for the JSON."""
+    return "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
+
+
+def settings_of(args) -> dict[str, Any]:
+    """argparse values as JSON-safe settings (paths and other objects as strings)."""
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v))
+            for k, v in vars(args).items()}
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF batched generate's input: token ids and attention mask, each prompt padded on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a message) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def load_hf(src, dtype: torch.dtype):
+    """HF transformers' model for the same GGUF file (dequantized by transformers), and its load time in s."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name, dtype=dtype)
+    model.eval()
+    return model, time.perf_counter() - t0
+
+
 def save_line_plot(
     path: str | Path,
     series: dict[str, tuple[Sequence[float], Sequence[float | None]]],
@@ -190,13 +239,8 @@ def save_line_plot(
 ) -> Path | None:
     """One line per series (name -> (xs, ys); None ys are skipped; ``styles`` holds extra plot() keywords per
     series). Returns None when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
