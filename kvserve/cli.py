@@ -46,7 +46,8 @@ def _engine_parent() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache", default="paged", choices=["paged", "contiguous", "off"],
                    help="paged block pool, the seeds' contiguous cache, or none (recompute) (default: %(default)s)")
     g.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
-    g.add_argument("--quantization", default=None, choices=["int8"], help="weight-only quantization")
+    g.add_argument("--quantization", default=None, choices=["int8", "w8a8"],
+                   help="int8: weight-only; w8a8: int8 weights and per-token int8 activations (CPU)")
     g.add_argument("--block-size", type=int, default=16, help="paged block size in tokens (default: %(default)s)")
     g.add_argument("--kv-cache-memory", default=None, help="paged pool size, e.g. 256MiB (default: 1GiB)")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off (paged)")

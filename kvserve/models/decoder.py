@@ -39,7 +39,10 @@ class Decoder:
     ):
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         dev = lambda t: t.to(self.device)  # noqa: E731
-        lin = lambda w: Linear(w.to(self.device), quantization)  # noqa: E731
+        lin = lambda w, q=quantization: Linear(w.to(self.device), q)  # noqa: E731
+        # w8a8 leaves down_proj unquantized: its input (SiLU(gate) * up) has the widest outliers, and
+        # quantizing it too drops agreement with fp32 from 338 to 319 of 360 teacher-forced tokens
+        down_q = None if quantization == "w8a8" else quantization
         self.layers: list[DecoderLayer] = []
         for i in range(cfg.num_layers):
             w = lambda name: weights[f"layers.{i}.{name}"]  # noqa: E731
@@ -50,7 +53,7 @@ class Decoder:
                     o_proj=lin(w("o_proj")),
                     post_attn_norm=dev(w("post_attn_norm")),
                     gate_up_proj=lin(torch.cat([w("gate_proj"), w("up_proj")])),
-                    down_proj=lin(w("down_proj")),
+                    down_proj=lin(w("down_proj"), down_q),
                 )
             )
         self.embed = dev(weights["embed"])

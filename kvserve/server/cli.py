@@ -34,7 +34,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=16)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    g.add_argument("--quantization", default=None, help="weight quantization, e.g. int8")
+    g.add_argument("--quantization", default=None, choices=["int8", "w8a8"],
+                   help="int8: weight-only; w8a8: int8 weights and per-token int8 activations (CPU)")
     g.add_argument("--kv-cache-memory", default=None, help="paged pool size, e.g. 512MiB (default 1GiB)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off (paged)")
