@@ -8,7 +8,10 @@ order of the servers; figures are medians over rounds.
 
 Servers:
 
-  kvserve    ``kvserve serve --model M --max-num-seqs 64`` (paged cache, continuous batching)
+  kvserve    ``kvserve serve --model M --max-num-seqs 64`` (paged cache, continuous batching; fp32
+             weights on an AVX2 CPU)
+  kvserve-w8a8  the same with ``--quantization w8a8``: int8 weights x per-token int8 activations, the
+             same class of arithmetic as llama.cpp's (Q4_1 weights x 8-bit activation blocks)
   llama.cpp  ``python -m llama_cpp.server --model <the same .gguf> --n_ctx 4096 --n_threads <cores>
              --interrupt_requests False``
              from llama-cpp-python, in its own venv (``--llama-python``, default ``.venv-llama/bin/python``;
@@ -83,9 +86,11 @@ def stop(proc: subprocess.Popen) -> None:
 def server_command(name: str, args: argparse.Namespace, port: int) -> tuple[list[str], str]:
     """The command that starts one server, and the URL that answers 200 once it is ready."""
     base = f"http://127.0.0.1:{port}"
-    if name == "kvserve":
+    if name.startswith("kvserve"):  # kvserve or kvserve-<quantization>
         cmd = [sys.executable, "-m", "kvserve.cli", "serve", "--model", args.model, "--port", str(port),
                "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"]
+        if "-" in name:
+            cmd += ["--quantization", name.split("-", 1)[1]]
         return cmd, f"{base}/health"
     gguf = str(resolve_model(args.model).path)
     cmd = [args.llama_python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
@@ -135,7 +140,7 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--warmup", action="store_true", help="an untimed pass at each concurrency first")
     p.add_argument("--llama-python", default=str(ROOT / ".venv-llama" / "bin" / "python"))
-    p.add_argument("--servers", default="kvserve,llama.cpp")
+    p.add_argument("--servers", default="kvserve,kvserve-w8a8,llama.cpp")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--tag", default="")
     bench_args = add_bench_args(argparse.ArgumentParser(add_help=False))
@@ -184,12 +189,14 @@ def main() -> None:
                          fmt(m["ttft_p99_ms"], 0), fmt(m["tpot_p50_ms"]), fmt(m["itl_p99_ms"]), fmt(m["e2e_p50_s"], 2),
                          fmt(m["mean_output_tokens"]), fmt(m["failed"], 0)])
     print(format_table(headers, rows))
-    ratios = {}
-    if "llama.cpp" in servers and "kvserve" in servers:
-        for c in args.concurrency:
-            a, b = summary["kvserve"][c]["output_tok_s"], summary["llama.cpp"][c]["output_tok_s"]
-            ratios[c] = a / b if a and b else None
-            print(f"output tok/s kvserve / llama.cpp at concurrency {c}: {fmt(ratios[c], 2)}x")
+    ratios: dict[str, dict[int, float | None]] = {}
+    for s in servers if "llama.cpp" in servers else []:
+        if s.startswith("kvserve"):
+            ratios[s] = {}
+            for c in args.concurrency:
+                a, b = summary[s][c]["output_tok_s"], summary["llama.cpp"][c]["output_tok_s"]
+                ratios[s][c] = a / b if a and b else None
+                print(f"output tok/s {s} / llama.cpp at concurrency {c}: {fmt(ratios[s][c], 2)}x")
 
     tag = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     path = save_json(RESULTS_DIR / f"bench_serve{tag}.json", {

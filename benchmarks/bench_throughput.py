@@ -14,7 +14,7 @@ Systems:
 
   kvserve  ``LLM(kv_cache="paged", max_num_seqs=S, max_num_batched_tokens=T).generate(prompt ids,
            [SamplingParams(temperature=0, max_tokens=n_i, ignore_eos=True), ...])`` for a few (S, T);
-           plus, with ``--int8 on``, one ``quantization="int8"`` row at the first setting.
+           plus, with ``--quantization int8,w8a8``, one row per quantization at the first setting.
   HF       ``model.generate`` on static batches of 16 and 32 requests in arrival order (no sorting by
            length), left padding, ``max_new_tokens = min_new_tokens =`` the batch's longest output.
            Only each request's own output length counts as output ("useful tokens"): the tokens a short
@@ -275,9 +275,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--configs", default=None,
                    help=f"kvserve settings max_num_seqs x max_num_batched_tokens, comma separated (default {DEFAULT_CONFIGS}; "
                         "32x512 with --quick)")
-    p.add_argument("--int8", choices=("on", "off"), default="off",
-                   help="also run kvserve quantization=int8 at the first setting (default off: a whole extra run, and "
-                        "without avx512_bf16/AMX torch's int8 kernel runs on bf16 activations and is slower than fp32)")
+    p.add_argument("--quantization", default="",
+                   help="also run kvserve with these quantizations at the first setting, comma separated: int8 "
+                        "(weight-only; slower than fp32 for batches above 16 rows), w8a8 (int8 weights x per-token int8 "
+                        "activations); default none")
+    p.add_argument("--hf-w8a8", choices=("on", "off"), default="off",
+                   help="also run HF at its largest batch size with torch's dynamic int8 quantization of every nn.Linear "
+                        "(int8 weights x int8 activations, fbgemm): the same-arithmetic peer for kvserve w8a8")
     p.add_argument("--hf-batch-sizes", default=None, help="HF static batch sizes (default 16,32; 16 with --quick)")
     p.add_argument("--max-model-len", type=int, default=1024, help="kvserve max_model_len (>= longest prompt + output)")
     p.add_argument("--kv-cache-memory", default="2GiB", help="kvserve paged pool size (default %(default)s)")
@@ -286,6 +290,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     finish_workload_args(a)
     a.configs = [tuple(int(v) for v in c.lower().split("x")) for c in (a.configs or ("32x512" if a.quick else DEFAULT_CONFIGS)).split(",")]
+    a.quantization = [q for q in a.quantization.split(",") if q]
     a.hf_batch_sizes = [int(x) for x in (a.hf_batch_sizes or ("16" if a.quick else "16,32")).split(",") if x]
     stem = "throughput_quick" if a.quick else "throughput"
     a.out = Path(a.out) if a.out else RESULTS_DIR / f"{stem}.json"
@@ -336,9 +341,9 @@ def main(argv=None) -> int:
         results.append(r)
         print(f"  {r['system']}: {r['wall_s']:.1f} s, {r['output_tok_s']:.1f} tok/s, {r['steps']} steps, "
               f"{r['preemptions']} preemptions", flush=True)
-    if a.int8 == "on":
+    for q in a.quantization:
         seqs, toks = a.configs[0]
-        r = run_kvserve(a, wl, dtype, seqs, toks, quantization="int8")
+        r = run_kvserve(a, wl, dtype, seqs, toks, quantization=q)
         results.append(r)
         print(f"  {r['system']}: {r['wall_s']:.1f} s, {r['output_tok_s']:.1f} tok/s", flush=True)
     hf_results = []
@@ -352,13 +357,25 @@ def main(argv=None) -> int:
             hf_results.append(r)
             print(f"  {r['system']}: {r['wall_s']:.1f} s, {r['output_tok_s']:.1f} tok/s "
                   f"(computed {r['computed_output_tokens']} output tokens for {r['useful_output_tokens']} useful)", flush=True)
+        if a.hf_w8a8 == "on":
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            bs = max(a.hf_batch_sizes)
+            r = run_hf(model, wl, bs, pad)
+            r["system"] += " w8a8 (torch dynamic int8)"
+            r["quantization"] = "w8a8"
+            results.append(r)
+            print(f"  {r['system']}: {r['wall_s']:.1f} s, {r['output_tok_s']:.1f} tok/s", flush=True)
         del model
         gc.collect()
     total_s = time.perf_counter() - t_start
 
     kv_fp = [r for r in results if r["engine"] == "kvserve" and not r["quantization"]]
     best_kv = max(kv_fp, key=lambda r: r["output_tok_s"])
-    best_hf = max(hf_results, key=lambda r: r["output_tok_s"]) if hf_results else None
+    best_hf = max(hf_results, key=lambda r: r["output_tok_s"]) if hf_results else None  # fp32 (same dtype)
     for r in results:
         r["vs_best_hf"] = r["output_tok_s"] / best_hf["output_tok_s"] if best_hf else None
         if best_hf:
@@ -388,6 +405,12 @@ def main(argv=None) -> int:
         print("HF decode slots spent on tokens past a request's own length: "
               + ", ".join(f"{k}: {v:.0%}" for k, v in hf_waste.items()))
         summary["hf_wasted_output_fraction"] = hf_waste
+    kv_q = {r["quantization"]: r for r in results if r["engine"] == "kvserve" and r["quantization"]}
+    hf_q = next((r for r in results if r["engine"] == "hf" and r.get("quantization") == "w8a8"), None)
+    if hf_q and "w8a8" in kv_q:
+        summary["ratio_kvserve_w8a8_vs_hf_w8a8"] = kv_q["w8a8"]["output_tok_s"] / hf_q["output_tok_s"]
+        print(f"same int8 arithmetic: kvserve w8a8 {kv_q['w8a8']['output_tok_s']:.1f} tok/s vs HF dynamic int8 "
+              f"{hf_q['output_tok_s']:.1f} tok/s: {summary['ratio_kvserve_w8a8_vs_hf_w8a8']:.2f}x")
     print(f"prefix-cache hits in the kvserve runs (prompt tokens): {best_kv['prefix_cache_hit_tokens']} of "
           f"{best_kv['prefix_cache_query_tokens']}")
     print(f"benchmark time: {total_s:.0f} s")

@@ -51,6 +51,7 @@ class AttnGroup:
     q_len: int  # Q: queries per request (1 for the decode group)
     kv_read: slice | tuple[torch.Tensor, int]  # slots (a view) or (block table [B, n], width) to gather; see KVCache.read
     mask: torch.Tensor | None = None  # [B, 1, Q, L'] bool (True = attend), L' = keys read; None = all
+    lens: torch.Tensor | None = None  # [B] decode groups read through a block table: keys each request sees
     is_causal: bool = False  # a whole prompt at once: plain causal mask, no tensor needed
 
 

@@ -121,7 +121,7 @@ def _decode_group(rows: list[int], lens: list[int], blocks: list[np.ndarray], bl
     # one block per request (the contiguous cache): read only up to the longest length
     width = int(lens_a.max()) if n_max == 1 else n_max * block_size
     mask = as_mask(np.arange(width)[None, :] < lens_a[:, None]).view(B, 1, 1, width)
-    return AttnGroup(q_rows, B, 1, (as_tensor(table), width), mask)
+    return AttnGroup(q_rows, B, 1, (as_tensor(table), width), mask, lens=as_tensor(lens_a))
 
 
 class ModelRunner:

@@ -76,6 +76,11 @@ class KVCache:
             out.append(view.index_select(0, blocks).view(B, n * per_block, *cache.shape[1:])[:, :width])
         return out[0], out[1]
 
+    def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's K and V pools as ``[num_blocks, block_size, kv_heads, head_dim]`` views."""
+        shape = (self.num_blocks, self.block_size, *self.k.shape[2:])
+        return self.k[layer].view(shape), self.v[layer].view(shape)
+
     # -- moving whole blocks (swap preemption) --------------------------------------------------
     def block_slots(self, block_ids: list[int]) -> torch.Tensor:
         ids = torch.tensor(block_ids, dtype=torch.long)

@@ -31,6 +31,17 @@ def test_sixteen_uneven_prompts(llm_paged, contiguous_16):
     assert llm_paged.cache_stats()["requests_running"] == 0
 
 
+def test_decode_kernel_and_pytorch_path_agree(llm_paged, contiguous_16, monkeypatch):
+    """Batched decodes read the pool through the C++ kernel on CPU; the gather + SDPA path (CUDA's,
+    and the fallback) must give the same tokens."""
+    from kvserve.models import cpu_kernels
+
+    assert cpu_kernels.available()
+    monkeypatch.setitem(cpu_kernels._state, "module", None)  # as if the kernel had not built
+    assert not cpu_kernels.available()
+    assert tokens(llm_paged.generate(SIXTEEN, greedy(20))) == contiguous_16
+
+
 def test_chunked_prefill_equals_one_shot(contiguous_16):
     llm = make_llm(kv_cache="paged", num_kv_blocks=128, max_num_batched_tokens=32, enable_prefix_caching=False)
     long_prompts = [p * 6 for p in SIXTEEN[:4]]  # 40-90 tokens: every prompt spans several 32-token steps
