@@ -12,6 +12,7 @@ from kvserve.engine.batch import AttnGroup, ForwardBatch, SchedulerOutput
 from kvserve.engine.sampler import Sampler
 from kvserve.kv.block_pool import NULL_BLOCK
 from kvserve.kv.storage import KVCache
+from kvserve.models.attention import decodes_in_place
 from kvserve.models.decoder import Decoder
 
 
@@ -19,11 +20,13 @@ def _adjacent(blocks: np.ndarray) -> bool:
     return len(blocks) == 1 or bool(np.all(np.diff(blocks) == 1))
 
 
-def build_forward_batch(out: SchedulerOutput, kv: KVCache) -> ForwardBatch:
+def build_forward_batch(out: SchedulerOutput, kv: KVCache, split_decodes: bool = True) -> ForwardBatch:
     """Flatten the scheduled requests into one batch and describe each attention group.
 
     Reads of the cache come in two shapes: a slice of slots when a request's blocks sit side by side
     (always for the contiguous cache: a view, no copy), else a gather of whole blocks by block table.
+    ``split_decodes``: group the decodes by length (``group_decodes``), for attention that pads every
+    request to its group's longest; False when it reads each request's own length in place.
     """
     block_size, device = kv.block_size, kv.device
     ids, pos, slots, logits_idx = [], [], [], []
@@ -61,7 +64,8 @@ def build_forward_batch(out: SchedulerOutput, kv: KVCache) -> ForwardBatch:
             logits_idx.append(t + n - 1)
         t += n
     if decode_rows:
-        for members in group_decodes(decode_lens, block_size):
+        runs = group_decodes(decode_lens, block_size) if split_decodes else [list(range(len(decode_rows)))]
+        for members in runs:
             groups.insert(0, _decode_group(
                 [decode_rows[i] for i in members], [decode_lens[i] for i in members],
                 [decode_blocks[i] for i in members], block_size, as_tensor, as_mask))
@@ -127,10 +131,12 @@ def _decode_group(rows: list[int], lens: list[int], blocks: list[np.ndarray], bl
 class ModelRunner:
     def __init__(self, model: Decoder, kv_cache: KVCache, sampler: Sampler):
         self.model, self.kv_cache, self.sampler = model, kv_cache, sampler
+        cfg = model.cfg
+        self.split_decodes = not decodes_in_place(kv_cache, cfg.num_heads // cfg.num_kv_heads)
 
     def execute(self, out: SchedulerOutput) -> list[tuple[int, dict[int, float] | None]]:
         """Run one step; a (token, logprobs) for each scheduled request that samples, in order."""
-        batch = build_forward_batch(out, self.kv_cache)
+        batch = build_forward_batch(out, self.kv_cache, self.split_decodes)
         hidden = self.model.forward(batch, self.kv_cache)
         sampling = [s.request for s in out.scheduled if s.samples]
         if not sampling:

@@ -39,11 +39,17 @@ def _decode(q: torch.Tensor, kv: KVCache, layer: int, g: AttnGroup) -> torch.Ten
     attention, with no K/V repeated across query heads."""
     n_kv = kv.spec.num_kv_heads
     qg = q[g.q_rows].view(g.batch, n_kv, q.shape[1] // n_kv, q.shape[2])
-    if g.lens is not None and q.device.type == "cpu" and cpu_kernels.available():
+    if g.lens is not None and decodes_in_place(kv, q.shape[1] // n_kv):
         # through the block table in place: each cached byte read once, no gathered copy
         return cpu_kernels.paged_decode(qg, *kv.blocks(layer), g.kv_read[0], g.lens)
     kc, vc = _read(kv, layer, g)
     return F.scaled_dot_product_attention(qg, kc, vc, attn_mask=g.mask)
+
+
+def decodes_in_place(kv: KVCache, group: int) -> bool:
+    """Whether decode attention reads the pool through block tables in place (the CPU kernel), for
+    ``group`` query heads per KV head. Then a decode costs its own length whatever its neighbours'."""
+    return kv.device.type == "cpu" and cpu_kernels.supports(kv.spec.head_dim, group)
 
 
 def _prefill(q: torch.Tensor, kv: KVCache, layer: int, g: AttnGroup) -> torch.Tensor:

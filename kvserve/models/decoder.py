@@ -14,7 +14,7 @@ from kvserve.config import ModelConfig
 from kvserve.engine.batch import ForwardBatch
 from kvserve.kv.storage import KVCache
 from kvserve.models.attention import attention
-from kvserve.models.layers import Linear, Rotary, apply_rotary, rms_norm, silu_and_mul
+from kvserve.models.layers import Linear, Rotary, add_rms_norm, rms_norm, silu_and_mul
 
 
 @dataclass
@@ -66,20 +66,24 @@ class Decoder:
         """Hidden states of the rows in ``batch.logits_idx``: [S, hidden]."""
         cfg = self.cfg
         T = batch.num_tokens
-        h = self.embed[batch.input_ids]  # [T, hidden]
-        cos, sin = self.rotary(batch.positions)
+        h = self.embed[batch.input_ids]  # [T, hidden]: the residual stream
         qk_size = cfg.q_size + cfg.kv_size
+        mlp_out = None
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
+            # each sublayer's residual add is fused with the norm that follows it
+            if mlp_out is None:
+                x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
+            else:
+                x = add_rms_norm(h, mlp_out, layer.input_norm, cfg.rms_norm_eps)
             qkv = layer.qkv_proj(x)
             # q and k sit side by side in qkv: rotate them as one [T, Hq + Hkv, D] tensor (half the ops)
-            qk = apply_rotary(qkv[:, : qk_size].view(T, -1, cfg.head_dim), cos, sin)
+            qk = self.rotary.rotate_(qkv[:, :qk_size].view(T, -1, cfg.head_dim), batch.positions)
             q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
             v = qkv[:, qk_size:].view(T, cfg.num_kv_heads, cfg.head_dim)
             o = attention(q, k, v, kv, i, batch)
-            h = h + layer.o_proj(o.reshape(T, cfg.q_size))
-            x = rms_norm(h, layer.post_attn_norm, cfg.rms_norm_eps)
-            h = h + layer.down_proj(silu_and_mul(layer.gate_up_proj(x)))
+            x = add_rms_norm(h, layer.o_proj(o.reshape(T, cfg.q_size)), layer.post_attn_norm, cfg.rms_norm_eps)
+            mlp_out = layer.down_proj(silu_and_mul(layer.gate_up_proj(x)))
+        h = h + mlp_out
         # Only rows that sample need the final norm and the (large) LM head.
         return rms_norm(h[batch.logits_idx], self.norm, cfg.rms_norm_eps)
 

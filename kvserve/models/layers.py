@@ -1,5 +1,8 @@
 """The building blocks of a Llama-family layer: RMSNorm, rotary embeddings, linear layers (plain,
-int8 weight-only, or int8 weights x int8 activations), SwiGLU."""
+int8 weight-only, or int8 weights x int8 activations), SwiGLU.
+
+On the CPU in fp32 the small per-token ops (norms, RoPE, SwiGLU) run as one C++ pass each
+(``cpu_kernels``); the PyTorch lines beside them are the reference and every other device's path."""
 from __future__ import annotations
 
 import warnings
@@ -7,12 +10,30 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from kvserve.models import cpu_kernels
+
+
+def _cpu_kernel_ok(*tensors: torch.Tensor) -> bool:
+    """The C++ versions below take contiguous fp32 CPU tensors; anything else runs the PyTorch lines."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+            and cpu_kernels.available())
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in fp32 and cast back, as HF's LlamaRMSNorm does (so bf16 runs match)."""
+    if x.dim() == 2 and _cpu_kernel_ok(x, weight):
+        return cpu_kernels.kernel("rms_norm")(x, weight, eps)
     if x.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)
     return F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype) * weight
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``h += delta`` (the residual stream, in place), then ``rms_norm(h)``: one pass over the rows on CPU."""
+    if h.dim() == 2 and _cpu_kernel_ok(h, delta, weight):
+        return cpu_kernels.kernel("add_rms_norm")(h, delta, weight, eps)
+    h.add_(delta)
+    return rms_norm(h, weight, eps)
 
 
 def _onednn_ok(weight: torch.Tensor) -> bool:
@@ -106,13 +127,16 @@ class Rotary:
         self.cos = emb.cos().to(dtype).to(device)
         self.sin = emb.sin().to(dtype).to(device)
 
-    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for each token: [T, 1, head_dim] (broadcast over heads)."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+    def rotate_(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, head_dim], token t at ``positions[t]``; rotated in place on CPU (fp32), else a copy."""
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1 and cpu_kernels.available():
+            cpu_kernels.kernel("rotary_")(x, self.cos, self.sin, positions)
+            return x
+        return apply_rotary(x, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]. Rotates pairs (i, i + d/2) by the position's angle."""
+    """x: [T, heads, head_dim], cos/sin [T, 1, head_dim]. Rotates pairs (i, i + d/2) by the position's angle."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -120,5 +144,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU: the gate and up projections come fused in one matmul; split and combine."""
+    if gate_up.dim() == 2 and _cpu_kernel_ok(gate_up):
+        return cpu_kernels.kernel("silu_and_mul")(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

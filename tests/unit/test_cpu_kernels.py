@@ -53,3 +53,45 @@ def test_bf16_cache():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), cpu_kernels.paged_decode_reference(q, k, v, table, lens).float(),
                                atol=2e-2, rtol=2e-2)
+
+
+# ---- the per-token ops: each C++ pass against the PyTorch lines it replaces (layers.py's slow path) ----
+
+def test_rms_norm_and_fused_residual_add():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 576, generator=g) * 3
+    delta = torch.randn(37, 576, generator=g)
+    w = torch.rand(576, generator=g) + 0.5
+    ref = torch.nn.functional.rms_norm(h, (576,), w, 1e-5)
+    torch.testing.assert_close(cpu_kernels.kernel("rms_norm")(h, w, 1e-5), ref, atol=1e-6, rtol=1e-5)
+    strided = torch.randn(37, 1000, generator=g)[:, :576]  # rows with a stride (a slice of a wider tensor)
+    torch.testing.assert_close(cpu_kernels.kernel("rms_norm")(strided, w, 1e-5),
+                               torch.nn.functional.rms_norm(strided, (576,), w, 1e-5), atol=1e-6, rtol=1e-5)
+    h2 = h.clone()
+    out = cpu_kernels.kernel("add_rms_norm")(h2, delta, w, 1e-5)
+    torch.testing.assert_close(h2, h + delta)  # the residual stream is updated in place
+    torch.testing.assert_close(out, torch.nn.functional.rms_norm(h + delta, (576,), w, 1e-5), atol=1e-6, rtol=1e-5)
+
+
+def test_silu_and_mul_over_a_wide_range():
+    g = torch.Generator().manual_seed(1)
+    gu = torch.randn(9, 2 * 1536, generator=g) * 20  # far into both tails of the sigmoid
+    gu[0, :4] = torch.tensor([0.0, -100.0, 100.0, -1e-30])
+    gate, up = gu.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_kernels.kernel("silu_and_mul")(gu), torch.nn.functional.silu(gate) * up,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_in_place_matches_rotate_half():
+    from kvserve.models.layers import Rotary, apply_rotary
+
+    rot = Rotary(64, 10000.0, 2048, torch.float32)
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(11, (9 + 3 + 3) * 64, generator=g)
+    positions = torch.randint(0, 2048, (11,), generator=g)
+    qk = qkv[:, : 12 * 64].view(11, 12, 64)  # a strided view, as in the decoder
+    ref = apply_rotary(qk.clone(), rot.cos[positions].unsqueeze(1), rot.sin[positions].unsqueeze(1))
+    v_before = qkv[:, 12 * 64 :].clone()
+    cpu_kernels.kernel("rotary_")(qk, rot.cos, rot.sin, positions)
+    torch.testing.assert_close(qk, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(qkv[:, 12 * 64 :], v_before, atol=0, rtol=0)  # v untouched
