@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# every system in the process (kvserve and its peer alike) allocates large tensors on 2 MiB pages
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as a script
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `kvserve` without an install

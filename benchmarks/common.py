@@ -95,6 +95,7 @@ def cpu_info() -> dict[str, Any]:
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "load_average": list(load) if load else None,
+        "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),  # torch's large allocations on huge pages
         "date": now_iso(),
     }
 
