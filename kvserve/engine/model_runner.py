@@ -113,7 +113,9 @@ def _decode_group(rows: list[int], lens: list[int], blocks: list[np.ndarray], bl
                   as_tensor, as_mask) -> AttnGroup:
     """Single-token decodes of several requests as one [B, 1] attention over their block tables."""
     B = len(rows)
-    q_rows = slice(rows[0], rows[0] + 1) if B == 1 else as_tensor(rows)
+    # decodes are scheduled first, so their rows are usually consecutive: a slice is a view, not a gather
+    consecutive = rows == list(range(rows[0], rows[0] + B))
+    q_rows = slice(rows[0], rows[0] + B) if consecutive else as_tensor(rows)
     if B == 1 and _adjacent(blocks[0]):  # a view of the cache, no gather
         start = blocks[0][0] * block_size
         return AttnGroup(q_rows, 1, 1, slice(start, start + lens[0]))
