@@ -362,6 +362,10 @@ def main(argv=None) -> int:
         if a.hf_w8a8 == "on":
             import warnings
 
+            if dtype != torch.float32:  # torch's dynamic int8 linears take fp32 activations only
+                del model
+                gc.collect()
+                model, _ = load_hf(resolve_model(a.model), torch.float32)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)

@@ -206,85 +206,124 @@ static void decode(const float* q, const T* kp, const T* vp, const int64_t* tabl
 }
 
 // ---- the small per-token ops of a layer, one pass each (in PyTorch each is several ops and a dispatch) ----
-// fp32 rows of n values, the last dimension contiguous; rows split among threads in chunks of 16.
+// Rows of n values (fp32 or bf16), the last dimension contiguous; rows split among threads in chunks of 16.
+// Arithmetic is in fp32. For bf16, `rnd<T>` rounds a value to bf16 wherever the PyTorch reference (a chain
+// of bf16 ops, each rounding its result) does, so the two agree bit for bit but for fp32 summation order.
+// The bf16 conversions in plain integer arithmetic (c10's carry a NaN branch), so loops vectorize:
+// bf16 is the top half of a float; rounding to it is round-to-nearest-even on the low 16 bits.
+static inline float to_f(float x) { return x; }
+static inline float to_f(c10::BFloat16 x) { uint32_t u = uint32_t(x.x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+template <typename T> static inline T from_f(float x);
+template <> inline float from_f<float>(float x) { return x; }
+template <> inline c10::BFloat16 from_f<c10::BFloat16>(float x) {
+  uint32_t u; std::memcpy(&u, &x, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);  // finite values only: activations here are never NaN or near FLT_MAX
+  return c10::BFloat16(uint16_t(u >> 16), c10::BFloat16::from_bits());
+}
+template <typename T> static inline float rnd(float x) { return to_f(from_f<T>(x)); }  // identity for float
 
-// out = x / sqrt(mean(x^2) + eps) * w, per row
-static void rms_row(const float* x, const float* w, float* out, int64_t n, float eps) {
+// out = rnd(x / sqrt(mean(x^2) + eps)) * w, per row (HF's LlamaRMSNorm: normalize in fp32, cast, scale)
+template <typename T>
+static void rms_row(const T* x, const T* w, T* out, int64_t n, float eps) {
   float ss = 0.f;
-  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  for (int64_t i = 0; i < n; ++i) ss += to_f(x[i]) * to_f(x[i]);
   const float r = 1.f / std::sqrt(ss / n + eps);
-  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
+  for (int64_t i = 0; i < n; ++i) out[i] = from_f<T>(rnd<T>(to_f(x[i]) * r) * to_f(w[i]));
 }
 
+// Call f with a null pointer of the tensor's element type (float or bf16), to pick a template instance.
+template <typename F>
+static void with_type(const torch::Tensor& t, const char* what, F f) {
+  if (t.scalar_type() == torch::kFloat) f(static_cast<float*>(nullptr));
+  else if (t.scalar_type() == torch::kBFloat16) f(static_cast<c10::BFloat16*>(nullptr));
+  else TORCH_CHECK(false, what, ": float32 or bfloat16");
+}
+#define ELEM(p) std::remove_pointer_t<decltype(p)>
+
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.stride(1) == 1 && w.is_contiguous(), "rms_norm: fp32 [T, n]");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && w.is_contiguous() && w.scalar_type() == x.scalar_type(), "rms_norm: [T, n]");
   auto out = torch::empty({x.size(0), x.size(1)}, x.options());
   const int64_t n = x.size(1), sx = x.stride(0);
-  const float* xp = x.data_ptr<float>(); const float* wp = w.data_ptr<float>(); float* op = out.data_ptr<float>();
-  at::parallel_for(0, x.size(0), 16, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) rms_row(xp + t * sx, wp, op + t * n, n, (float)eps);
+  with_type(x, "rms_norm", [&](auto* tag) {
+    using T = ELEM(tag);
+    const T* xp = x.data_ptr<T>(); const T* wp = w.data_ptr<T>(); T* op = out.data_ptr<T>();
+    at::parallel_for(0, x.size(0), 16, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) rms_row(xp + t * sx, wp, op + t * n, n, (float)eps);
+    });
   });
   return out;
 }
 
 // The residual stream and the next norm in one pass: h += delta (in place), return rms_norm(h).
 torch::Tensor add_rms_norm(torch::Tensor h, torch::Tensor delta, torch::Tensor w, double eps) {
-  TORCH_CHECK(h.scalar_type() == torch::kFloat && h.is_contiguous() && delta.is_contiguous() && h.sizes() == delta.sizes()
-              && h.dim() == 2 && w.is_contiguous(), "add_rms_norm: contiguous fp32 [T, n]");
+  TORCH_CHECK(h.is_contiguous() && delta.is_contiguous() && h.sizes() == delta.sizes() && h.dim() == 2 && w.is_contiguous()
+              && delta.scalar_type() == h.scalar_type() && w.scalar_type() == h.scalar_type(), "add_rms_norm: contiguous [T, n]");
   auto out = torch::empty_like(h);
   const int64_t n = h.size(1);
-  float* hp = h.data_ptr<float>(); const float* dp = delta.data_ptr<float>(); const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, h.size(0), 16, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      for (int64_t i = 0; i < n; ++i) hp[t * n + i] += dp[t * n + i];
-      rms_row(hp + t * n, wp, op + t * n, n, (float)eps);
-    }
+  with_type(h, "add_rms_norm", [&](auto* tag) {
+    using T = ELEM(tag);
+    T* hp = h.data_ptr<T>(); const T* dp = delta.data_ptr<T>(); const T* wp = w.data_ptr<T>(); T* op = out.data_ptr<T>();
+    at::parallel_for(0, h.size(0), 16, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        for (int64_t i = 0; i < n; ++i) hp[t * n + i] = from_f<T>(to_f(hp[t * n + i]) + to_f(dp[t * n + i]));
+        rms_row(hp + t * n, wp, op + t * n, n, (float)eps);
+      }
+    });
   });
   return out;
 }
 
 // SwiGLU on the fused gate/up product [T, 2I] -> silu(gate) * up [T, I]; silu(x) = x * sigmoid(x).
 torch::Tensor silu_and_mul(torch::Tensor gu) {
-  TORCH_CHECK(gu.scalar_type() == torch::kFloat && gu.is_contiguous() && gu.dim() == 2, "silu_and_mul: contiguous fp32 [T, 2I]");
+  TORCH_CHECK(gu.is_contiguous() && gu.dim() == 2, "silu_and_mul: contiguous [T, 2I]");
   const int64_t I = gu.size(1) / 2;
   auto out = torch::empty({gu.size(0), I}, gu.options());
-  const float* gp = gu.data_ptr<float>(); float* op = out.data_ptr<float>();
-  at::parallel_for(0, gu.size(0), 16, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const float* g = gp + t * 2 * I; const float* u = g + I; float* o = op + t * I;
-      for (int64_t i = 0; i < I; ++i) {
-        const float x = g[i], z = exp_nonpositive(-std::abs(x));  // e^-|x| never overflows
-        const float sig = x >= 0.f ? 1.f / (1.f + z) : z / (1.f + z);
-        o[i] = x * sig * u[i];
+  with_type(gu, "silu_and_mul", [&](auto* tag) {
+    using T = ELEM(tag);
+    const T* gp = gu.data_ptr<T>(); T* op = out.data_ptr<T>();
+    at::parallel_for(0, gu.size(0), 16, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const T* g = gp + t * 2 * I; const T* u = g + I; T* o = op + t * I;
+        for (int64_t i = 0; i < I; ++i) {
+          const float x = to_f(g[i]), z = exp_nonpositive(-std::abs(x));  // e^-|x| never overflows
+          const float sig = x >= 0.f ? 1.f / (1.f + z) : z / (1.f + z);
+          o[i] = from_f<T>(rnd<T>(x * sig) * to_f(u[i]));
+        }
       }
-    }
+    });
   });
   return out;
 }
 
 // RoPE in place, HF's rotate-half form, on x [T, heads, D] (last dim contiguous): for i < D/2,
 // (x_i, x_{i+D/2}) <- (x_i cos_i - x_{i+D/2} sin_i, x_{i+D/2} cos_{i+D/2} + x_i sin_{i+D/2}),
-// cos/sin rows [max_pos, D] picked by each token's position.
+// cos/sin rows [max_pos, D] (x's dtype) picked by each token's position.
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 3 && x.stride(2) == 1 && cos.is_contiguous() && sin.is_contiguous()
-              && positions.scalar_type() == torch::kLong, "rotary_: fp32 [T, heads, D]");
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && cos.is_contiguous() && sin.is_contiguous()
+              && cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type()
+              && positions.scalar_type() == torch::kLong && x.size(2) <= 256, "rotary_: [T, heads, D <= 256]");
   const int64_t heads = x.size(1), D = x.size(2), half = D / 2, st = x.stride(0), sh = x.stride(1);
-  float* xp = x.data_ptr<float>(); const float* cp = cos.data_ptr<float>(); const float* sp = sin.data_ptr<float>();
   auto pos = positions.contiguous();
   const int64_t* pp = pos.data_ptr<int64_t>();
-  at::parallel_for(0, x.size(0), 16, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const float* c = cp + pp[t] * D; const float* s = sp + pp[t] * D;
-      for (int64_t h = 0; h < heads; ++h) {
-        float* r = xp + t * st + h * sh;
-        for (int64_t i = 0; i < half; ++i) {
-          const float a = r[i], bb = r[i + half];
-          r[i] = a * c[i] - bb * s[i];
-          r[i + half] = bb * c[i + half] + a * s[i + half];
+  with_type(x, "rotary_", [&](auto* tag) {
+    using T = ELEM(tag);
+    T* xp = x.data_ptr<T>(); const T* cp = cos.data_ptr<T>(); const T* sp = sin.data_ptr<T>();
+    at::parallel_for(0, x.size(0), 16, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const T* c = cp + pp[t] * D; const T* s = sp + pp[t] * D;
+        float cf[256], sf[256];  // this position's table row in fp32, once for all heads (D <= 256)
+        for (int64_t i = 0; i < D; ++i) { cf[i] = to_f(c[i]); sf[i] = to_f(s[i]); }
+        for (int64_t h = 0; h < heads; ++h) {
+          T* r = xp + t * st + h * sh;
+          float a[128], bb[128];  // both halves read before either is written: no aliasing to stop vectorizing
+          for (int64_t i = 0; i < half; ++i) { a[i] = to_f(r[i]); bb[i] = to_f(r[i + half]); }
+          for (int64_t i = 0; i < half; ++i) {
+            r[i] = from_f<T>(rnd<T>(a[i] * cf[i]) - rnd<T>(bb[i] * sf[i]));
+            r[i + half] = from_f<T>(rnd<T>(bb[i] * cf[i + half]) + rnd<T>(a[i] * sf[i + half]));
+          }
         }
       }
-    }
+    });
   });
 }
 

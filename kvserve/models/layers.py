@@ -1,8 +1,11 @@
 """The building blocks of a Llama-family layer: RMSNorm, rotary embeddings, linear layers (plain,
 int8 weight-only, or int8 weights x int8 activations), SwiGLU.
 
-On the CPU in fp32 the small per-token ops (norms, RoPE, SwiGLU) run as one C++ pass each
-(``cpu_kernels``); the PyTorch lines beside them are the reference and every other device's path."""
+On the CPU in fp32 or bf16 the small per-token ops (norms, RoPE, SwiGLU) run as one C++ pass each
+(``cpu_kernels``); the PyTorch lines beside them are the reference and every other device's path.
+In bf16 the C++ passes round to bf16 wherever the PyTorch chain of bf16 ops rounds, so the two agree up
+to the order of fp32 sums (the RMSNorm mean).
+"""
 from __future__ import annotations
 
 import warnings
@@ -14,8 +17,11 @@ from kvserve.models import cpu_kernels
 
 
 def _cpu_kernel_ok(*tensors: torch.Tensor) -> bool:
-    """The C++ versions below take contiguous fp32 CPU tensors; anything else runs the PyTorch lines."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+    """The C++ versions below take contiguous CPU tensors of one dtype, fp32 or bf16; anything else runs
+    the PyTorch lines."""
+    dtype = tensors[0].dtype
+    return (dtype in (torch.float32, torch.bfloat16)
+            and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
             and cpu_kernels.available())
 
 
@@ -128,8 +134,8 @@ class Rotary:
         self.sin = emb.sin().to(dtype).to(device)
 
     def rotate_(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim], token t at ``positions[t]``; rotated in place on CPU (fp32), else a copy."""
-        if x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1 and cpu_kernels.available():
+        """x: [T, heads, head_dim], token t at ``positions[t]``; rotated in place on CPU (fp32, bf16), else a copy."""
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.stride(-1) == 1 and cpu_kernels.available():
             cpu_kernels.kernel("rotary_")(x, self.cos, self.sin, positions)
             return x
         return apply_rotary(x, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))

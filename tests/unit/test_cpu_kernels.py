@@ -95,3 +95,41 @@ def test_rotary_in_place_matches_rotate_half():
     cpu_kernels.kernel("rotary_")(qk, rot.cos, rot.sin, positions)
     torch.testing.assert_close(qk, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(qkv[:, 12 * 64 :], v_before, atol=0, rtol=0)  # v untouched
+
+
+def test_bf16_per_token_ops_round_like_the_pytorch_chain():
+    """In bf16 each C++ pass must round where the PyTorch reference (a chain of bf16 ops) rounds:
+    at most one bf16 ulp apart (the RMSNorm mean is summed in another order), almost always equal."""
+    from kvserve.models.layers import Rotary, apply_rotary
+
+    bf = torch.bfloat16
+    g = torch.Generator().manual_seed(3)
+
+    def close(out, ref):
+        assert out.dtype == bf and out.shape == ref.shape
+        diff = (out.float() - ref.float()).abs()
+        ulp = ref.float().abs().clamp(min=1e-30) * 2.0 ** -7
+        assert bool((diff <= ulp).all()), float((diff / ulp).max())
+        assert float((out != ref).float().mean()) < 0.01
+
+    h = (torch.randn(23, 576, generator=g) * 3).to(bf)
+    delta = torch.randn(23, 576, generator=g).to(bf)
+    w = (torch.rand(576, generator=g) + 0.5).to(bf)
+    ref_norm = lambda x: torch.nn.functional.rms_norm(x.float(), (576,), None, 1e-5).to(bf) * w  # noqa: E731
+    close(cpu_kernels.kernel("rms_norm")(h, w, 1e-5), ref_norm(h))
+    h2 = h.clone()
+    out = cpu_kernels.kernel("add_rms_norm")(h2, delta, w, 1e-5)
+    assert torch.equal(h2, h + delta)  # one bf16 rounding of the sum, as h.add_(delta)
+    close(out, ref_norm(h + delta))
+
+    gu = (torch.randn(9, 2 * 1536, generator=g) * 8).to(bf)
+    gate, up = gu.chunk(2, dim=-1)
+    close(cpu_kernels.kernel("silu_and_mul")(gu), torch.nn.functional.silu(gate) * up)
+
+    rot = Rotary(64, 10000.0, 2048, bf)
+    qkv = torch.randn(11, 15 * 64, generator=g).to(bf)
+    positions = torch.randint(0, 2048, (11,), generator=g)
+    qk = qkv[:, : 12 * 64].view(11, 12, 64)
+    ref = apply_rotary(qk.clone(), rot.cos[positions].unsqueeze(1), rot.sin[positions].unsqueeze(1))
+    cpu_kernels.kernel("rotary_")(qk, rot.cos, rot.sin, positions)
+    close(qk, ref)
