@@ -47,7 +47,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# No OMP_WAIT_POLICY=PASSIVE here (session 5): one process runs one system at a time, and sleeping OpenMP
+# threads add a wake-up to each of the ~300 parallel regions of a forward: tens of ms on a short warm or
+# repeated prefill, noise on a cold one, so it shrank exactly the ratios this script measures.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # every system in the process (kvserve and its peer alike) allocates large tensors on 2 MiB pages
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
