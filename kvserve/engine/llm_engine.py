@@ -118,7 +118,8 @@ class LLMEngine:
         self.kv_spec = KVSpec.from_model(cfg, cache.kv_cache_dtype or self.dtype)
         num_blocks, block_size = plan_kv_pool(self.kv_spec, cache, sched)
         self.kv_cache = KVCache(self.kv_spec, num_blocks, block_size, self.device)
-        self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size, bool(cache.enable_prefix_caching))
+        self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size, bool(cache.enable_prefix_caching),
+                                         copy_block=self.kv_cache.copy_block)
         self.scheduler = Scheduler(sched, cache, self.kv_manager, self.kv_cache)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

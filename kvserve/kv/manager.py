@@ -8,6 +8,7 @@ A request's blocks, in order, hold its tokens in order:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from kvserve.kv.block_pool import BlockPool
 from kvserve.kv.prefix_cache import RadixPrefixCache
@@ -29,9 +30,11 @@ class CacheUsage:
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = False):
+    def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = False,
+                 copy_block: Callable[[int, int], None] | None = None):
         self.pool = pool
         self.block_size = block_size
+        self.copy_block = copy_block  # copies one block's K/V to another (KVCache.copy_block)
         self.prefix_cache = RadixPrefixCache(pool, block_size) if enable_prefix_caching else None
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
@@ -39,19 +42,36 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """Blocks already holding a prefix of this request's tokens, and how many tokens they cover.
 
-        The request takes a reference on each block and locks their tree path. A hit is capped one
-        token short of the whole sequence: the last token must still run to produce logits."""
+        The request takes a reference on each block and locks their tree path. A hit stops at least one
+        token short of the whole sequence: the last token must still run to produce logits.
+
+        A full hit (a block-aligned sequence seen before) would then recompute its whole last block,
+        as vLLM does, because the last token's K/V goes into that block and the tree shares it. Instead
+        the block is copied into one of the request's own (copy-on-write) and only the last token runs:
+        a repeated 1,088-token prompt computes 1 token instead of 16."""
         if self.prefix_cache is None:
             return [], 0
         tokens = request.all_token_ids
-        match = self.prefix_cache.match_prefix(tokens[: len(tokens) - 1])
+        match = self.prefix_cache.match_prefix(tokens)
         self.prefix_cache.lock(match.node)
         request.prefix_node = match.node
-        self.pool.incref(match.block_ids)
-        hit = len(match.block_ids) * self.block_size
+        blocks = list(match.block_ids)
+        hit = len(blocks) * self.block_size
+        if blocks and hit == len(tokens):
+            shared, last = blocks[:-1], blocks[-1]
+            if self.copy_block is not None and self.pool.num_free > 0:
+                own = self.pool.allocate(1)[0]
+                self.copy_block(last, own)
+                self.pool.incref(shared)
+                blocks, hit = shared + [own], hit - 1
+            else:  # no room for a copy: recompute the last block
+                self.pool.incref(shared)
+                blocks, hit = shared, hit - self.block_size
+        else:
+            self.pool.incref(blocks)
         self.prefix_queries += len(tokens)
         self.prefix_hits += hit
-        return list(match.block_ids), hit
+        return blocks, hit
 
     def blocks_needed(self, request: Request, num_new_tokens: int) -> int:
         total = request.num_computed_tokens + num_new_tokens

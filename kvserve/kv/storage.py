@@ -83,6 +83,13 @@ class KVCache:
         shape = (self.num_blocks, self.block_size, *self.k.shape[2:])
         return self.k[layer].view(shape), self.v[layer].view(shape)
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy block ``src``'s K/V, every layer, into block ``dst`` (copy-on-write of a shared block)."""
+        bs = self.block_size
+        self.k[:, dst * bs : (dst + 1) * bs] = self.k[:, src * bs : (src + 1) * bs]
+        self.v[:, dst * bs : (dst + 1) * bs] = self.v[:, src * bs : (src + 1) * bs]
+        self._zeroed[dst] = True  # holds data now: ``prepare`` must not zero it
+
     # -- moving whole blocks (swap preemption) --------------------------------------------------
     def block_slots(self, block_ids: list[int]) -> torch.Tensor:
         ids = torch.tensor(block_ids, dtype=torch.long)

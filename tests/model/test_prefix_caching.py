@@ -78,3 +78,24 @@ def test_requests_arriving_together_reuse_blocks_computed_moments_before():
     assert outs[0].num_cached_tokens == 0
     assert all(o.num_cached_tokens >= 64 for o in outs[1:])
     llm.engine.kv_manager.check_integrity([])
+
+
+def test_full_hit_copies_the_last_block_and_computes_one_token(llm_paged):
+    """A block-aligned prompt seen before hits every block; the last token still runs (it gives the
+    logits), in a private copy of the shared last block: 1 token computed, not 16, same greedy output,
+    and the tree's block is left as it was."""
+    off = make_llm(kv_cache="paged", num_kv_blocks=256, enable_prefix_caching=False)
+    e = llm_paged.engine
+    bs = e.kv_cache.block_size
+    ids = [(i * 37 + 11) % 5000 + 100 for i in range(3 * bs)]  # exactly 3 blocks
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    reference = tokens(off.generate([ids], params, use_tqdm=False))
+    first = llm_paged.generate([ids], params, use_tqdm=False)
+    tree_block = e.kv_manager.prefix_cache.match_prefix(ids).block_ids[-1]
+    before = [t[:, tree_block * bs : (tree_block + 1) * bs].clone() for t in (e.kv_cache.k, e.kv_cache.v)]
+    again = llm_paged.generate([ids], params, use_tqdm=False)
+    assert again[0].num_cached_tokens == len(ids) - 1
+    assert tokens(first) == tokens(again) == reference
+    after = [t[:, tree_block * bs : (tree_block + 1) * bs] for t in (e.kv_cache.k, e.kv_cache.v)]
+    assert all(bool((a == b).all()) for a, b in zip(after, before))  # the shared block was not written
+    e.kv_manager.check_integrity([])
