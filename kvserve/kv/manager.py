@@ -57,18 +57,17 @@ class KVCacheManager:
         request.prefix_node = match.node
         blocks = list(match.block_ids)
         hit = len(blocks) * self.block_size
-        if blocks and hit == len(tokens):
-            shared, last = blocks[:-1], blocks[-1]
-            if self.copy_block is not None and self.pool.num_free > 0:
+        own = None
+        if blocks and hit == len(tokens):  # a full hit: the last token would write into a shared block
+            last = blocks.pop()
+            hit -= self.block_size
+            if self.copy_block is not None and self.pool.num_free > 0:  # else recompute the last block
                 own = self.pool.allocate(1)[0]
                 self.copy_block(last, own)
-                self.pool.incref(shared)
-                blocks, hit = shared + [own], hit - 1
-            else:  # no room for a copy: recompute the last block
-                self.pool.incref(shared)
-                blocks, hit = shared, hit - self.block_size
-        else:
-            self.pool.incref(blocks)
+        self.pool.incref(blocks)
+        if own is not None:
+            blocks.append(own)
+            hit += self.block_size - 1
         self.prefix_queries += len(tokens)
         self.prefix_hits += hit
         return blocks, hit
