@@ -16,11 +16,14 @@ import torch.nn.functional as F
 from kvserve.models import cpu_kernels
 
 
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ per-token passes take
+
+
 def _cpu_kernel_ok(*tensors: torch.Tensor) -> bool:
     """The C++ versions below take contiguous CPU tensors of one dtype, fp32 or bf16; anything else runs
     the PyTorch lines."""
     dtype = tensors[0].dtype
-    return (dtype in (torch.float32, torch.bfloat16)
+    return (dtype in CPU_KERNEL_DTYPES
             and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
             and cpu_kernels.available())
 
@@ -135,7 +138,8 @@ class Rotary:
 
     def rotate_(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, head_dim], token t at ``positions[t]``; rotated in place on CPU (fp32, bf16), else a copy."""
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.stride(-1) == 1 and cpu_kernels.available():
+        # not _cpu_kernel_ok: x is a strided view of the qkv output (only its last dim is contiguous)
+        if x.device.type == "cpu" and x.dtype in CPU_KERNEL_DTYPES and x.stride(-1) == 1 and cpu_kernels.available():
             cpu_kernels.kernel("rotary_")(x, self.cos, self.sin, positions)
             return x
         return apply_rotary(x, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
