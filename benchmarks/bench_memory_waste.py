@@ -68,10 +68,8 @@ def stub_runner(engine) -> None:
     """Replace the model forward with a constant token: scheduler and KV manager run as they are."""
     token = 1000
 
-    def execute(out):
-        return [(token, None) for s in out.scheduled if s.samples]
-
-    engine.runner.execute = execute
+    engine.runner.execute = lambda out: None  # no logits
+    engine.sampler = lambda logits, requests: [(token, None) for _ in requests]
 
 
 def trace_run(llm: LLM, wl: dict) -> dict:

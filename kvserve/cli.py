@@ -20,7 +20,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from kvserve.models.loader import DEFAULT_MODEL, MODEL_ALIASES
+from kvserve.args import EngineArgs
+from kvserve.models.loader import DEFAULT_MODEL
+from kvserve.prompts import encode_chat
 
 log = logging.getLogger("kvserve.cli")
 
@@ -35,24 +37,8 @@ class CLIError(Exception):
 
 
 def _engine_parent() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model alias ({', '.join(sorted(MODEL_ALIASES))}), a .gguf file or a HF folder "
-                        "(default: %(default)s)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and KV dtype (default: %(default)s: bf16 on CUDA or a CPU with fast bf16, else fp32)")
-    g.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cpu")
-    g.add_argument("--kv-cache", default="paged", choices=["paged", "contiguous", "off"],
-                   help="paged block pool, the seeds' contiguous cache, or none (recompute) (default: %(default)s)")
-    g.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
-    g.add_argument("--quantization", default=None, choices=["int8", "w8a8"],
-                   help="int8: weight-only; w8a8: int8 weights and per-token int8 activations (CPU)")
-    g.add_argument("--block-size", type=int, default=16, help="paged block size in tokens (default: %(default)s)")
-    g.add_argument("--kv-cache-memory", default=None, help="paged pool size, e.g. 256MiB (default: 1GiB)")
-    g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off (paged)")
-    g.add_argument("--seed", type=int, default=None, help="seed of the sampler's random stream")
-    return p
+    # one conversation at a time: one sequence slot is enough
+    return EngineArgs.add_cli_args(argparse.ArgumentParser(add_help=False), max_num_seqs=1)
 
 
 def _sampling_parent() -> argparse.ArgumentParser:
@@ -105,14 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("estimate", parents=[verbose], help="KV cache memory for a model, sequence length and batch",
                        description="The seeds' KV formula with the model's numbers, what the engine would allocate, "
                                    "and what fits a memory budget. Reads the model config only.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model alias or path (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence (prompt + output)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (prompt + output) (default: --max-model-len, else the model's context)")
     p.add_argument("--batch", type=int, required=True, help="sequences held at once")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="KV dtype (default: %(default)s)")
-    p.add_argument("--kv-cache", default="paged", choices=["paged", "contiguous"], help="default: %(default)s")
-    p.add_argument("--block-size", type=int, default=16, help="paged block size (default: %(default)s)")
     p.add_argument("--memory", default="4GiB", help="memory budget for the fit table (default: %(default)s)")
+    # the engine's own flags, where they change the arithmetic; fp32 unless told, whatever this CPU prefers
+    EngineArgs.add_cli_args(p, only=("model", "dtype", "kv_cache", "block_size", "kv_cache_dtype", "max_model_len"),
+                            dtype="float32")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_estimate)
 
@@ -142,13 +127,7 @@ def _build_llm(args: argparse.Namespace):
     from kvserve.llm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(
-        args.model, dtype=args.dtype, device=args.device, quantization=args.quantization, kv_cache=args.kv_cache,
-        block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-        enable_prefix_caching=False if args.no_prefix_caching else None,
-        max_model_len=args.max_model_len, max_num_seqs=1,  # one conversation: one sequence slot is enough
-        seed=args.seed,
-    )
+    llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
     log.info("loaded %s in %.2f s", args.model, time.perf_counter() - t0)
     return llm
 
@@ -179,24 +158,17 @@ class StreamResult:
 
 
 class _Printer:
-    """Writes the growing completion text as deltas.
-
-    The text is re-decoded from all tokens each step, so a multi-byte character split across tokens
-    shows as U+FFFD until its last byte arrives: hold such a tail back until it settles."""
+    """Writes the growing completion text as deltas. The engine's texts only grow (it holds back a
+    half-decoded character and what a stop string may still cut: ``kvserve.prompts.stable_text``)."""
 
     def __init__(self, out):
-        self.out, self.printed = out, ""
+        self.out, self.printed = out, 0
 
-    def update(self, text: str, final: bool = False) -> None:
-        stable = text if final else text.rstrip("\ufffd")
-        # Printed text cannot be taken back: should the decoder ever rewrite earlier characters
-        # (it does not for SentencePiece/BPE byte-level tokenizers), print what lies past the old end.
-        delta = stable[len(self.printed):]
-        if delta:
-            self.out.write(delta)
+    def update(self, text: str) -> None:
+        if len(text) > self.printed:
+            self.out.write(text[self.printed:])
             self.out.flush()
-        if len(stable) >= len(self.printed):
-            self.printed = stable
+            self.printed = len(text)
 
 
 def stream_request(engine, prompt: str | None, params, prompt_token_ids: list[int] | None = None,
@@ -222,7 +194,7 @@ def stream_request(engine, prompt: str | None, params, prompt_token_ids: list[in
                     if t_first is None:
                         t_first = now
                     t_last = now
-                printer.update(c.text, final=o.finished)
+                printer.update(c.text)
                 if o.finished:
                     final = o
     except BaseException:
@@ -239,12 +211,6 @@ def stream_request(engine, prompt: str | None, params, prompt_token_ids: list[in
     )
 
 
-def _chat_prompt_ids(engine, messages: list[dict]) -> tuple[str, list[int]]:
-    text = engine.apply_chat_template(messages)
-    # The template already holds the special tokens: tokenize without adding more.
-    return text, engine.tokenizer.encode(text, add_special_tokens=False)
-
-
 def _fmt_rate(r: float | None) -> str:
     return "n/a" if r is None else f"{r:.1f} tok/s"
 
@@ -256,7 +222,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = _build_llm(args)
     engine = llm.engine
     if args.chat:
-        prompt, ids = _chat_prompt_ids(engine, [{"role": "user", "content": args.prompt}])
+        prompt, ids = encode_chat(engine.tokenizer, [{"role": "user", "content": args.prompt}])
     else:
         prompt, ids = args.prompt, None
     r = stream_request(engine, prompt, params, prompt_token_ids=ids)
@@ -329,7 +295,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("[conversation reset]", file=sys.stderr, flush=True)
             continue
         messages.append({"role": "user", "content": line})
-        prompt, ids = _chat_prompt_ids(engine, messages)
+        prompt, ids = encode_chat(engine.tokenizer, messages)
         try:
             r = stream_request(engine, prompt, params, prompt_token_ids=ids)
         except ValueError as e:  # the conversation outgrew the context: drop this turn, keep the REPL
@@ -351,7 +317,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_tree(args: argparse.Namespace) -> int:
-    if args.kv_cache != "paged" or args.no_prefix_caching:
+    if args.kv_cache != "paged" or args.enable_prefix_caching is False:
         raise CLIError("cache-tree needs the paged cache with prefix caching (the defaults)")
     params = _sampling_params(args)
     llm = _build_llm(args)
@@ -376,32 +342,37 @@ def _load_config(model: str):
     return load_model_config(resolve_model(model))
 
 
-def _kv_dtype(name: str):
+def estimate(model: str, seq_len: int | None, batch: int, dtype: str = "float32", kv_cache: str = "paged",
+             block_size: int = 16, memory: str | int = "4GiB", kv_cache_dtype: str = "auto",
+             max_model_len: int | None = None) -> dict:
+    """Everything ``kvserve estimate`` prints, as a dict (bytes as ints). ``dtype`` / ``kv_cache_dtype`` as
+    in ``LLM``: the KV dtype is ``kv_cache_dtype`` unless "auto", else the model's. ``seq_len`` None: the
+    max_model_len, else the model's context. A contiguous slot holds ``max_model_len`` tokens (default
+    ``seq_len``); a paged pool is sized to hold the whole batch at ``seq_len``."""
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def estimate(model: str, seq_len: int, batch: int, dtype: str = "float32", kv_cache: str = "paged",
-             block_size: int = 16, memory: str | int = "4GiB") -> dict:
-    """Everything ``kvserve estimate`` prints, as a dict (bytes as ints)."""
     from kvserve.config import CacheConfig, SchedulerConfig, parse_bytes
-    from kvserve.engine.llm_engine import plan_kv_pool
+    from kvserve.engine.llm_engine import plan_kv_pool, resolve_dtype
     from kvserve.kv.manager import cdiv
     from kvserve.kv.spec import KVSpec, dtype_bytes
 
-    if seq_len < 1 or batch < 1:
-        raise CLIError(f"--seq-len and --batch must be >= 1, got {seq_len} and {batch}")
     budget = parse_bytes(memory)
     cfg = _load_config(model)
-    spec = KVSpec.from_model(cfg, _kv_dtype(dtype))
+    if seq_len is None:
+        seq_len = max_model_len or cfg.max_position_embeddings
+    if seq_len < 1 or batch < 1:
+        raise CLIError(f"--seq-len and --batch must be >= 1, got {seq_len} and {batch}")
+    kv_dtype = resolve_dtype(dtype if kv_cache_dtype == "auto" else kv_cache_dtype, torch.device("cpu"))
+    spec = KVSpec.from_model(cfg, kv_dtype)
     bpt = spec.bytes_per_token
-    if kv_cache == "paged":
-        # a pool that holds the whole batch at full length (plus the null block)
-        cache = CacheConfig("paged", block_size, num_kv_blocks=batch * cdiv(seq_len, block_size) + 1)
-    else:
-        cache = CacheConfig("contiguous", block_size)
-    num_blocks, bs = plan_kv_pool(spec, cache, SchedulerConfig(max_num_seqs=batch, max_model_len=seq_len))
+    if kv_cache == "contiguous":
+        cache = CacheConfig(kv_cache="contiguous", block_size=block_size)
+        sched = SchedulerConfig(max_num_seqs=batch, max_model_len=max_model_len or seq_len)
+    else:  # paged, or off's scratch pool: one that holds the whole batch at full length (plus the null block)
+        cache = CacheConfig(kv_cache=kv_cache, block_size=block_size,
+                            num_kv_blocks=batch * cdiv(seq_len, block_size) + 1)
+        sched = SchedulerConfig(max_num_seqs=batch, max_model_len=seq_len)
+    num_blocks, bs = plan_kv_pool(spec, cache, sched)
     allocated = num_blocks * bs * bpt
     formula = spec.formula_bytes(seq_len, batch)
     return {
@@ -409,7 +380,7 @@ def estimate(model: str, seq_len: int, batch: int, dtype: str = "float32", kv_ca
         "num_layers": spec.num_layers,
         "num_kv_heads": spec.num_kv_heads,
         "head_dim": spec.head_dim,
-        "dtype": dtype,
+        "dtype": str(kv_dtype).removeprefix("torch."),  # of the KV cache
         "dtype_bytes": dtype_bytes(spec.dtype),
         "seq_len": seq_len,
         "batch": batch,
@@ -420,7 +391,8 @@ def estimate(model: str, seq_len: int, batch: int, dtype: str = "float32", kv_ca
         "block_size": bs,
         "allocated_bytes": allocated,
         "null_block_bytes": bs * bpt,
-        "padding_bytes": allocated - formula - bs * bpt,  # the last paged block of each sequence, rounded up
+        # paged: the last block of each sequence, rounded up; contiguous: slots longer than seq_len
+        "padding_bytes": allocated - formula - bs * bpt,
         "model_context_length": cfg.max_position_embeddings,
         "memory_bytes": budget,
         "max_batch_at_seq": budget // (bpt * seq_len),
@@ -432,7 +404,8 @@ def estimate(model: str, seq_len: int, batch: int, dtype: str = "float32", kv_ca
 def cmd_estimate(args: argparse.Namespace) -> int:
     from kvserve.kv.spec import format_bytes
 
-    e = estimate(args.model, args.seq_len, args.batch, args.dtype, args.kv_cache, args.block_size, args.memory)
+    e = estimate(args.model, args.seq_len, args.batch, args.dtype, args.kv_cache, args.block_size, args.memory,
+                 args.kv_cache_dtype, args.max_model_len)
     if args.json:
         print(json.dumps(e, indent=2))
         return 0
@@ -447,9 +420,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         f"  per token: 2 * {L} * {H} * {D} * {nb} = {bpt:,} bytes = {format_bytes(bpt)}",
         "",
     ]
-    if e["kv_cache"] == "paged":
+    if e["kv_cache"] != "contiguous":
         out += [
-            f"the engine would allocate (paged, block_size {e['block_size']}): {e['num_blocks']} blocks x "
+            f"the engine would allocate ({e['kv_cache']}, block_size {e['block_size']}): {e['num_blocks']} blocks x "
             f"{e['block_size']} tokens x {bpt:,} bytes = {e['allocated_bytes']:,} bytes = "
             f"{format_bytes(e['allocated_bytes'])}",
             f"  = the formula + 1 null block ({format_bytes(e['null_block_bytes'])}, never handed out: it pads "
@@ -460,8 +433,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         out += [
             f"the engine would allocate (contiguous): {e['num_blocks']} slots x {e['block_size']} tokens x "
             f"{bpt:,} bytes = {e['allocated_bytes']:,} bytes = {format_bytes(e['allocated_bytes'])}",
-            f"  = the formula + 1 null slot of {S} tokens ({format_bytes(e['null_block_bytes'])}): the +1 is the null "
-            "block that pads reads, never handed to a sequence",
+            f"  = the formula + 1 null slot of {e['block_size']} tokens ({format_bytes(e['null_block_bytes'])})"
+            + (f" + {format_bytes(e['padding_bytes'])} of slots longer than seq {S} (max_model_len "
+               f"{e['block_size']})" if e["padding_bytes"] else "")
+            + ": the +1 is the null block that pads reads, never handed to a sequence",
         ]
     if S > e["model_context_length"]:
         out.append(f"note: seq {S} is longer than the model's context ({e['model_context_length']} tokens)")

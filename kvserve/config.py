@@ -4,13 +4,51 @@ Validation lives in ``__post_init__`` so a bad value fails where it is written, 
 """
 from __future__ import annotations
 
+import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-KV_CACHE_MODES = ("paged", "contiguous", "off")
-PREEMPTION_MODES = ("recompute", "swap")
+
+class _StrEnum(str, enum.Enum):
+    """Members equal, print and serialize as their value: ``KVCacheMode.PAGED == "paged"``."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return self.value.__format__(spec)
+
+
+class KVCacheMode(_StrEnum):
+    """How KV memory is laid out (see ``CacheConfig``)."""
+
+    PAGED = "paged"
+    CONTIGUOUS = "contiguous"
+    OFF = "off"
+
+
+class PreemptionMode(_StrEnum):
+    """What happens to a running request when the cache is full."""
+
+    RECOMPUTE = "recompute"  # drop its KV; it runs its tokens again when readmitted
+    SWAP = "swap"  # copy its blocks to a CPU pool and back
+
+
+def _enum(cls: type[enum.Enum], name: str, value):
+    """``value`` as a member of ``cls``, or a ValueError that lists the accepted values."""
+    try:
+        return cls(value)
+    except ValueError:
+        raise ValueError(f"{name} must be one of {[m.value for m in cls]}, got {value!r}") from None
+
+
+KV_CACHE_MODES = tuple(m.value for m in KVCacheMode)
+PREEMPTION_MODES = tuple(m.value for m in PreemptionMode)
+# What ``kv_cache_dtype`` accepts. "auto" is the model's dtype; a 16/32-bit name must equal the model's
+# dtype (the cache stores K/V as the model computes them). Quantized names join when quantized KV lands.
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -31,6 +69,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = "model"
+    attention_bias: bool = False  # q/k/v projections add a bias (Qwen2; Llama's config.json attention_bias)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -45,7 +84,7 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def num_params(self) -> int:
-        attn = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
+        attn = (self.hidden_size + self.attention_bias) * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
         mlp = 3 * self.hidden_size * self.intermediate_size
         per_layer = attn + mlp + 2 * self.hidden_size
         emb = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
@@ -74,20 +113,24 @@ class CacheConfig:
     * ``off``: no reuse at all: every step recomputes the whole sequence (the O(n^2) reference).
     """
 
-    kv_cache: str = "paged"
+    kv_cache: KVCacheMode | str = KVCacheMode.PAGED
     block_size: int = 16
     kv_cache_memory: int | str | None = None  # bytes for the pool (paged); default 1 GiB
     num_kv_blocks: int | None = None  # overrides kv_cache_memory
-    kv_cache_dtype: torch.dtype | None = None  # default: the model dtype
+    kv_cache_dtype: str | torch.dtype | None = None  # None / "auto": the model dtype (see KV_CACHE_DTYPES)
     enable_prefix_caching: bool | None = None  # default: on for paged, off otherwise
-    preemption_mode: str = "recompute"
+    preemption_mode: PreemptionMode | str = PreemptionMode.RECOMPUTE
     swap_space: int | str = "2GiB"
 
     def __post_init__(self) -> None:
-        if self.kv_cache not in KV_CACHE_MODES:
-            raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {self.kv_cache!r}")
-        if self.preemption_mode not in PREEMPTION_MODES:
-            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        self.kv_cache = _enum(KVCacheMode, "kv_cache", self.kv_cache)
+        self.preemption_mode = _enum(PreemptionMode, "preemption_mode", self.preemption_mode)
+        if isinstance(self.kv_cache_dtype, torch.dtype):
+            self.kv_cache_dtype = str(self.kv_cache_dtype).removeprefix("torch.")
+        if self.kv_cache_dtype in (None, "auto"):
+            self.kv_cache_dtype = "auto"
+        elif self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
@@ -96,8 +139,8 @@ class CacheConfig:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
         self.swap_space = parse_bytes(self.swap_space)
         if self.enable_prefix_caching is None:
-            self.enable_prefix_caching = self.kv_cache == "paged"
-        if self.enable_prefix_caching and self.kv_cache != "paged":
+            self.enable_prefix_caching = self.kv_cache == KVCacheMode.PAGED
+        if self.enable_prefix_caching and self.kv_cache != KVCacheMode.PAGED:
             raise ValueError("enable_prefix_caching needs kv_cache='paged'")
 
 

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Sequence
 
-from kvserve.config import CacheConfig, SchedulerConfig
-from kvserve.engine.llm_engine import EngineConfig, LLMEngine
+from kvserve.args import EngineArgs
+from kvserve.engine.llm_engine import LLMEngine
 from kvserve.models.loader import DEFAULT_MODEL
+from kvserve.prompts import PromptType, as_prompt_list, encode_chat, normalize_prompt
 from kvserve.request import RequestOutput
 from kvserve.sampling_params import SamplingParams
-
-PromptType = str | list[int] | dict
 
 
 class LLM:
@@ -19,6 +19,8 @@ class LLM:
     >>> llm = LLM("smollm2-135m")
     >>> out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8))
     >>> out[0].outputs[0].text
+
+    The keyword arguments are the fields of ``kvserve.args.EngineArgs`` (also the CLI's engine flags).
     """
 
     def __init__(
@@ -32,7 +34,7 @@ class LLM:
         block_size: int = 16,
         kv_cache_memory: str | int | None = None,
         num_kv_blocks: int | None = None,
-        kv_cache_dtype=None,
+        kv_cache_dtype: str = "auto",
         enable_prefix_caching: bool | None = None,
         preemption_mode: str = "recompute",
         swap_space: str | int = "2GiB",
@@ -42,11 +44,18 @@ class LLM:
         enable_chunked_prefill: bool = True,
         seed: int | None = None,
     ):
-        cache = CacheConfig(kv_cache, block_size, kv_cache_memory, num_kv_blocks, kv_cache_dtype,
-                            enable_prefix_caching, preemption_mode, swap_space)
-        # max_model_len None: the engine fills in the model's context length once it has read the model
-        sched = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len or 1, enable_chunked_prefill)
-        self.engine = LLMEngine(EngineConfig(model, dtype, device, quantization, seed, max_model_len, cache, sched))
+        self.engine_args = EngineArgs(
+            model=model, dtype=dtype, device=device, quantization=quantization, kv_cache=kv_cache,
+            block_size=block_size, kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks,
+            kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching,
+            preemption_mode=preemption_mode, swap_space=swap_space, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            enable_chunked_prefill=enable_chunked_prefill, seed=seed)
+        self.engine = LLMEngine(self.engine_args.create_engine_config())
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLM":
+        return cls(**asdict(args))
 
     # ------------------------------------------------------------------
     def get_tokenizer(self):
@@ -78,16 +87,17 @@ class LLM:
 
         A prompt is a string, a list of token ids, or ``{"prompt_token_ids": [...]}``.
         """
-        prompts = self._as_list(prompts)
+        prompts = as_prompt_list(prompts)
         params = sampling_params or SamplingParams()
         params = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         # Validate every prompt before any starts, so one bad prompt does not leave others half-run.
-        ids = [self._prompt_ids(p) for p in prompts]
-        order = []
-        for p, pid, sp in zip(prompts, ids, params):
-            order.append(self.engine.add_request(p if isinstance(p, str) else None, sp, prompt_token_ids=pid))
+        checked = []
+        for p in prompts:
+            text, ids = normalize_prompt(p, self.engine.tokenizer)
+            checked.append((text, self.engine.check_prompt(ids)))
+        order = [self.engine.add_request(text, sp, prompt_token_ids=ids) for (text, ids), sp in zip(checked, params)]
         return self._run(order, len(order) > 1 if use_tqdm is None else use_tqdm)
 
     def chat(
@@ -99,29 +109,11 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (a list of messages) or several."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.engine.apply_chat_template(c, add_generation_prompt) for c in convs]
-        # The template already holds the special tokens: tokenize without adding more.
-        return self.generate([{"prompt": p, "prompt_token_ids": self.engine.tokenizer.encode(p, add_special_tokens=False)}
-                              for p in prompts], sampling_params, use_tqdm)
+        encoded = [encode_chat(self.engine.tokenizer, c, add_generation_prompt) for c in convs]
+        return self.generate([{"prompt": text, "prompt_token_ids": ids} for text, ids in encoded],
+                             sampling_params, use_tqdm)
 
     # ------------------------------------------------------------------
-    @staticmethod
-    def _as_list(prompts) -> list:
-        if isinstance(prompts, (str, dict)):
-            return [prompts]
-        if prompts and isinstance(prompts, list) and isinstance(prompts[0], int):
-            return [prompts]
-        return list(prompts)
-
-    def _prompt_ids(self, prompt: PromptType) -> list[int]:
-        if isinstance(prompt, dict):
-            ids = prompt.get("prompt_token_ids") or self.engine.tokenize(prompt["prompt"])
-        elif isinstance(prompt, str):
-            ids = self.engine.tokenize(prompt)
-        else:
-            ids = list(prompt)
-        return self.engine.check_prompt(ids)
-
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         bar = None

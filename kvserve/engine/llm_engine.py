@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from kvserve import prompts
+from kvserve.attn import select_backend
+from kvserve.config import CacheConfig, KVCacheMode, ModelConfig, SchedulerConfig
 from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.sampler import Sampler
 from kvserve.engine.scheduler import Scheduler
@@ -47,6 +49,20 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return table[dtype]
 
 
+def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's storage dtype. Until quantized KV lands, it is the model's: the cache stores K/V
+    as the model computes them, and a cast on every write would only lose precision or memory."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    dtype = resolve_dtype(kv_cache_dtype, torch.device("cpu"))
+    if dtype != model_dtype:
+        raise ValueError(
+            f"kv_cache_dtype={kv_cache_dtype!r} differs from the model dtype "
+            f"{str(model_dtype).removeprefix('torch.')}: the KV cache stores K/V in the model dtype "
+            "(use 'auto', or set dtype to match)")
+    return dtype
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     device = torch.device(device or "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -69,11 +85,11 @@ class EngineConfig:
 def plan_kv_pool(spec: KVSpec, cache: CacheConfig, sched: SchedulerConfig) -> tuple[int, int]:
     """(num_blocks including the null block, block_size) for this configuration; raises when one
     max-length sequence cannot fit."""
-    if cache.kv_cache == "contiguous":
+    if cache.kv_cache == KVCacheMode.CONTIGUOUS:
         # one max_model_len block per sequence slot, plus the null block
         return sched.max_num_seqs + 1, sched.max_model_len
     bs = cache.block_size
-    if cache.kv_cache == "off" and cache.num_kv_blocks is None and cache.kv_cache_memory is None:
+    if cache.kv_cache == KVCacheMode.OFF and cache.num_kv_blocks is None and cache.kv_cache_memory is None:
         # scratch space for one step's recompute of every running sequence, nothing more
         return sched.max_num_seqs * cdiv(sched.max_model_len, bs) + 1, bs
     if cache.num_kv_blocks is not None:
@@ -109,33 +125,36 @@ class LLMEngine:
         sched = config.scheduler or SchedulerConfig()
         sched.max_model_len = max_len
         cache = config.cache
-        if cache.kv_cache == "off":
+        if cache.kv_cache == KVCacheMode.OFF:
             sched.enable_chunked_prefill = False  # a chunk would be forgotten before its end is reached
         sched.__post_init__()
         self.scheduler_config = sched
         self.model = Decoder(cfg, weights, self.dtype, self.device, config.quantization, max_positions=max_len)
         del weights
-        self.kv_spec = KVSpec.from_model(cfg, cache.kv_cache_dtype or self.dtype)
+        self.kv_spec = KVSpec.from_model(cfg, resolve_kv_dtype(cache.kv_cache_dtype, self.dtype))
         num_blocks, block_size = plan_kv_pool(self.kv_spec, cache, sched)
         self.kv_cache = KVCache(self.kv_spec, num_blocks, block_size, self.device)
         self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size, bool(cache.enable_prefix_caching),
-                                         copy_block=self.kv_cache.copy_block)
-        self.scheduler = Scheduler(sched, cache, self.kv_manager, self.kv_cache)
+                                         storage=self.kv_cache, num_groups=len(self.kv_spec.groups),
+                                         swap_space=cache.swap_space)
+        self.scheduler = Scheduler(sched, cache, self.kv_manager)
+        self.attn_backend = select_backend(self.kv_cache, cfg.num_heads)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
-        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(self.eos_token_ids, config.seed))
+        self.runner = ModelRunner(self.model, self.attn_backend)
+        self.sampler = Sampler(self.eos_token_ids, config.seed)
         self.requests: dict[str, Request] = {}  # live requests (children for n > 1)
         self.parents: dict[str, list[Request]] = {}  # user-facing request id -> its n samples
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
         self.load_seconds = time.perf_counter() - t0
         log.info(
-            "KV cache: %s, %d blocks x %d tokens = %d tokens, %s (%s), %s per token",
-            cache.kv_cache, num_blocks - 1, block_size, (num_blocks - 1) * block_size,
+            "KV cache: %s, %d blocks x %d tokens = %d tokens, %s (%s), %s per token, attention: %s",
+            cache.kv_cache.value, num_blocks - 1, block_size, (num_blocks - 1) * block_size,
             format_bytes(self.kv_cache.nbytes), str(self.kv_spec.dtype).removeprefix("torch."),
-            format_bytes(self.kv_spec.bytes_per_token),
+            format_bytes(self.kv_spec.bytes_per_token), self.attn_backend.name,
         )
 
     # ------------------------------------------------------------------ requests
@@ -144,10 +163,10 @@ class LLMEngine:
         return self.scheduler_config.max_model_len
 
     def tokenize(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt)
+        return prompts.encode_text(self.tokenizer, prompt)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return prompts.apply_chat_template(self.tokenizer, messages, add_generation_prompt)
 
     def check_prompt(self, prompt_token_ids: list[int]) -> list[int]:
         """The prompt as a list of ints, or a ValueError: empty, ids outside the vocabulary, or no room
@@ -166,19 +185,14 @@ class LLMEngine:
 
     def add_request(
         self,
-        prompt: str | list[int] | None,
+        prompt: str | list[int] | dict | None,
         params: SamplingParams | None = None,
         request_id: str | None = None,
         prompt_token_ids: list[int] | None = None,
     ) -> str:
         params = params or SamplingParams()
-        if isinstance(prompt, list):
-            prompt, prompt_token_ids = None, prompt
-        if prompt_token_ids is None:
-            if prompt is None:
-                raise ValueError("a request needs a prompt or prompt_token_ids")
-            prompt_token_ids = self.tokenize(prompt)
-        ids = self.check_prompt(prompt_token_ids)
+        prompt, ids = prompts.normalize_prompt(prompt, self.tokenizer, prompt_token_ids)
+        ids = self.check_prompt(ids)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already running")
@@ -214,14 +228,14 @@ class LLMEngine:
             if self.scheduler.has_unfinished() and not self.scheduler.running:
                 self._fail_unschedulable()
             return []
-        sampling = [s for s in out.scheduled if s.samples]
-        results = self.runner.execute(out)
+        sampling = [self.scheduler.requests[s.request_id] for s in out.seqs if s.sample]
+        logits = self.runner.execute(out)
+        results = self.sampler(logits, sampling) if sampling else []
         self.scheduler.after_step(out)
         self.stats["steps"] += 1
         touched: dict[str, None] = {}
         now = time.monotonic()
-        for s, (token, logprobs) in zip(sampling, results):
-            req = s.request
+        for req, (token, logprobs) in zip(sampling, results):
             req.output_token_ids.append(token)
             if logprobs is not None:
                 req.output_logprobs.append(logprobs)
@@ -234,7 +248,8 @@ class LLMEngine:
 
     def _fail_unschedulable(self) -> None:
         # Only reachable when a single request can never fit the pool; fail it rather than spin.
-        req = self.scheduler.waiting[0]
+        s = self.scheduler
+        req = s.swapped[0] if s.swapped else s.waiting[0]
         self.scheduler.finish(req, "abort")
         raise RuntimeError(f"request {req.parent_id} cannot fit the KV cache ({self.cache_stats()})")
 
@@ -250,13 +265,9 @@ class LLMEngine:
                 reason = "stop"
             elif token in p.stop_token_ids:
                 reason, req.stop_reason = "stop", token
-            elif p.stop:
-                # only the new tail can hold a new match (a stop string may straddle the old end)
-                start = max(0, prev_len - max(len(s) for s in p.stop))
-                hits = [(i, s) for s in p.stop if (i := req.text.find(s, start)) >= 0]
-                if hits:
-                    i, s = min(hits)
-                    req.text, reason, req.stop_reason = req.text[:i], "stop", s
+            elif hit := prompts.find_stop(req.text, p.stop, prev_len):
+                i, s = hit
+                req.text, reason, req.stop_reason = req.text[:i], "stop", s
         if reason is None and p.max_tokens is not None and n_out >= p.max_tokens:
             reason = "length"
         if reason is None and req.num_tokens >= self.max_model_len:
@@ -287,15 +298,9 @@ class LLMEngine:
 
     @staticmethod
     def _stable_text(req: Request) -> str:
-        """The text so far, minus what may still change: a trailing half of a multi-byte character,
-        and the last len(stop) - 1 characters that could be the start of a stop string. So every
-        cumulative output is a prefix of the final text, and streamed deltas never need taking back."""
-        text = req.text
-        if req.is_finished:
-            return text
-        if req.params.stop:
-            text = text[: max(0, len(text) - (max(len(s) for s in req.params.stop) - 1))]
-        return text.rstrip("\ufffd")
+        """The text so far, minus what may still change (``prompts.stable_text``): every front end streams
+        these texts as they are."""
+        return prompts.stable_text(req.text, req.params.stop, req.is_finished)
 
     # ------------------------------------------------------------------ stats
     def kv_bytes_in_use(self) -> int:
@@ -306,7 +311,7 @@ class LLMEngine:
         u = self.kv_manager.usage()
         s = self.scheduler
         return {
-            "kv_cache": self.config.cache.kv_cache,
+            "kv_cache": self.config.cache.kv_cache.value,
             "block_size": self.kv_cache.block_size,
             "blocks_total": u.blocks_total,
             "blocks_free": u.blocks_free,
@@ -320,7 +325,7 @@ class LLMEngine:
             "prefix_cache_hits": self.kv_manager.prefix_hits,
             "prefix_cache_hit_rate": self.kv_manager.prefix_hits / max(1, self.kv_manager.prefix_queries),
             "prefix_cache_evicted_blocks": pc.evicted_blocks if (pc := self.kv_manager.prefix_cache) else 0,
-            "swapped_blocks": s.num_swapped_blocks,
+            "swapped_blocks": self.kv_manager.num_swapped_blocks,
             "requests_running": len(s.running),
             "requests_waiting": len(s.waiting),
             "requests_swapped": len(s.swapped),

@@ -8,6 +8,9 @@ Each step:
   2. then, if nobody was preempted, swapped-out requests come back, then waiting ones are admitted
      while there are budget, sequence slots and blocks.
 
+The scheduler decides; KV memory is the manager's (``kv.manager``): the scheduler never touches the
+pool, the tree or the K/V tensors. It returns a plain plan (``SchedulerOutput``).
+
 With ``kv_cache="off"`` every request drops its KV after each step, so the next step recomputes the
 whole sequence: the no-cache reference, through the same code.
 """
@@ -15,31 +18,26 @@ from __future__ import annotations
 
 from collections import deque
 
-import torch
-
-from kvserve.config import CacheConfig, SchedulerConfig
-from kvserve.engine.batch import ScheduledRequest, SchedulerOutput
+from kvserve.config import CacheConfig, KVCacheMode, PreemptionMode, SchedulerConfig
+from kvserve.engine.batch import ScheduledSeq, SchedulerOutput
 from kvserve.kv.manager import KVCacheManager
-from kvserve.kv.storage import KVCache
 from kvserve.request import Request, RequestStatus
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, cache_cfg: CacheConfig, kv_manager: KVCacheManager, kv_cache: KVCache):
+    def __init__(self, cfg: SchedulerConfig, cache_cfg: CacheConfig, kv_manager: KVCacheManager):
         self.cfg, self.cache_cfg = cfg, cache_cfg
         self.kv = kv_manager
-        self.kv_cache = kv_cache
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.swapped: deque[Request] = deque()
-        self._swap_store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # request id -> CPU copies of K, V
-        self.swap_bytes_used = 0
         self.num_preemptions = 0
-        self.num_swapped_blocks = 0  # blocks currently held in the CPU pool
 
     # ------------------------------------------------------------------ queue
     def add_request(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
         self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
@@ -54,12 +52,14 @@ class Scheduler:
             self.waiting.remove(req)
         elif req in self.swapped:
             self.swapped.remove(req)
-            self._drop_swap(req)
+            self.kv.drop_swap(req)
         self.kv.free(req)
+        self.requests.pop(req.request_id, None)
 
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[str] = []
         budget = self.cfg.max_num_batched_tokens
 
         # 1. running requests
@@ -69,102 +69,82 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while self.kv.allocate_slots(req, n) is None:
                 victim = self.running.pop()  # the newest
-                self._preempt(victim, out)
+                self._preempt(victim)
+                preempted.append(victim.request_id)
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, n))
+                scheduled.append((req, n))
                 budget -= n
                 i += 1
 
-        if out.preempted:
-            return out  # memory is short: admit nobody new this step
+        if not preempted:  # memory is short: admit nobody new this step
+            self._admit(scheduled, budget)
+        return SchedulerOutput([self._plan(req, n) for req, n in scheduled], preempted)
 
-        # 2. swapped-out requests come back first, then waiting ones
+    def _admit(self, scheduled: list[tuple[Request, int]], budget: int) -> None:
+        """Swapped-out requests come back first; waiting ones only when none is left swapped out."""
         while self.swapped and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = self.swapped[0]
-            if not self._swap_in(req):
+            if not self.kv.swap_in(req):
                 break
             self.swapped.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if self.kv.allocate_slots(req, n) is None:
-                self.running.append(req)  # scheduled next step
-                break
-            self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, n))
+                break  # it is running again: scheduled next step
+            scheduled.append((req, n))
             budget -= n
         if self.swapped:
-            return out
+            return
 
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
-            if not req.block_ids and req.num_computed_tokens == 0:
-                blocks, num_hit = self.kv.get_computed_blocks(req)
-                if req.num_cached_tokens < 0:
-                    req.num_cached_tokens = num_hit
-                req.block_ids, req.num_computed_tokens = blocks, num_hit
-            n = req.num_tokens - req.num_computed_tokens
+            hit = self.kv.get_computed_blocks(req)
+            n = req.num_tokens - hit.num_tokens
             if n > budget and not self.cfg.enable_chunked_prefill:
                 break
             n = min(n, budget)
-            if self.kv.allocate_slots(req, n) is None:
+            if self.kv.allocate_slots(req, n, hit) is None:
                 break
+            self.kv.record_hit(req, hit)
+            req.num_computed_tokens = hit.num_tokens
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = hit.num_tokens
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, n))
+            scheduled.append((req, n))
             budget -= n
-        return out
+
+    def _plan(self, req: Request, n: int) -> ScheduledSeq:
+        c = req.num_computed_tokens
+        tables = [list(t) for t in self.kv.block_tables(req.request_id)]
+        return ScheduledSeq(req.request_id, req.all_token_ids[c : c + n], c, tables, c + n == req.num_tokens)
 
     def after_step(self, out: SchedulerOutput) -> None:
         """Advance each scheduled request past the tokens it just computed."""
-        for s in out.scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_blocks(s.request)
-            if self.cache_cfg.kv_cache == "off" and not s.request.is_finished:
+        for s in out.seqs:
+            req = self.requests[s.request_id]
+            req.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_blocks(req)
+            if self.cache_cfg.kv_cache == KVCacheMode.OFF:
                 # No cache: forget everything; the next step recomputes the whole sequence.
-                self.kv.free(s.request)
-                s.request.num_computed_tokens = 0
+                self.kv.free(req)
+                req.num_computed_tokens = 0
 
     # ------------------------------------------------------------------ preemption
-    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+    def _preempt(self, req: Request) -> None:
         self.num_preemptions += 1
         req.num_preemptions += 1
-        out.preempted.append(req)
-        if self.cache_cfg.preemption_mode == "swap" and self._swap_out(req):
+        if self.cache_cfg.preemption_mode == PreemptionMode.SWAP and self.kv.swap_out(req):
+            req.status = RequestStatus.SWAPPED
+            self.swapped.appendleft(req)
             return
-        # recompute: drop the KV; the request re-runs prompt + generated tokens when it is readmitted
+        # recompute (or the CPU pool is full): drop the KV; the request re-runs prompt + generated
+        # tokens when it is readmitted (with prefix caching, mostly from the tree)
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
-
-    def _swap_out(self, req: Request) -> bool:
-        nbytes = len(req.block_ids) * self.kv_cache.spec.block_bytes(self.kv_cache.block_size)
-        if self.swap_bytes_used + nbytes > self.cache_cfg.swap_space:
-            return False  # CPU pool full: fall back to recompute
-        self._swap_store[req.request_id] = self.kv_cache.copy_out(req.block_ids)
-        self.swap_bytes_used += nbytes
-        self.num_swapped_blocks += len(req.block_ids)
-        req.swapped_blocks = len(req.block_ids)
-        self.kv.free(req)
-        req.status = RequestStatus.SWAPPED
-        self.swapped.appendleft(req)
-        return True
-
-    def _swap_in(self, req: Request) -> bool:
-        n_blocks = req.swapped_blocks
-        if n_blocks > self.kv.pool.num_free:
-            return False
-        req.block_ids = self.kv.pool.allocate(n_blocks)
-        k, v = self._swap_store[req.request_id]
-        self.kv_cache.copy_in(req.block_ids, k, v)
-        self._drop_swap(req)
-        req.status = RequestStatus.RUNNING
-        return True
-
-    def _drop_swap(self, req: Request) -> None:
-        if self._swap_store.pop(req.request_id, None) is not None:
-            self.swap_bytes_used -= req.swapped_blocks * self.kv_cache.spec.block_bytes(self.kv_cache.block_size)
-            self.num_swapped_blocks -= req.swapped_blocks
-            req.swapped_blocks = 0

@@ -1,17 +1,27 @@
-"""What the scheduler asks of KV memory: which blocks a request already has, room for n more tokens, free.
+"""What the scheduler asks of KV memory, and the KV state of every request.
+
+The manager owns each request's block tables (one per KV cache group), its lock in the prefix tree,
+how many of its blocks the tree already holds, and its swapped-out copy. The scheduler only asks:
+
+    get_computed_blocks(req)               -> PrefixHit      which cached blocks fit (no side effects)
+    allocate_slots(req, n, hit)            -> new ids | None room for n more tokens, all or nothing
+    cache_blocks(req) / free(req)                             feed the prefix tree, drop references
+    swap_out(req) / swap_in(req)           -> bool            move a preempted request's K/V to the CPU and back
 
 A request's blocks, in order, hold its tokens in order:
 
-    block_ids = [5, 9, 2]      block_size = 4
-    tokens      0-3  4-7  8-9  (slots 20..23, 36..39, 8..9; slots 10, 11 free for the next tokens)
+    block_table = [5, 9, 2]      block_size = 4
+    tokens        0-3  4-7  8-9  (slots 20..23, 36..39, 8..9; slots 10, 11 free for the next tokens)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+
+import torch
 
 from kvserve.kv.block_pool import BlockPool
-from kvserve.kv.prefix_cache import RadixPrefixCache
+from kvserve.kv.prefix_cache import Node, RadixPrefixCache
+from kvserve.kv.storage import KVCache
 from kvserve.request import Request
 
 
@@ -29,108 +39,237 @@ class CacheUsage:
     blocks_cached: int = 0  # held by the prefix tree (evictable unless a running request uses them)
 
 
+@dataclass
+class PrefixHit:
+    """What the prefix tree holds of a request (``get_computed_blocks``): nothing is taken yet.
+
+    ``blocks`` are shared as they are; ``tail`` is a tree block whose first ``tail_tokens`` tokens
+    continue the hit, copied into a block of the request's own when the slots are allocated."""
+
+    blocks: list[int] = field(default_factory=list)
+    node: Node | None = None
+    tail: int | None = None
+    tail_tokens: int = 0
+    num_tokens: int = 0  # tokens covered: len(blocks) * block_size + tail_tokens
+
+
+@dataclass
+class RequestKV:
+    """The KV state of one request."""
+
+    tables: list[list[int]]  # per KV cache group
+    prefix_node: Node | None = None  # the tree node this request locked
+    num_blocks_in_tree: int = 0  # leading blocks already inserted into the prefix tree
+
+
 class KVCacheManager:
     def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = False,
-                 copy_block: Callable[[int, int], None] | None = None):
+                 storage: KVCache | None = None, num_groups: int = 1, swap_space: int = 0):
+        if enable_prefix_caching and num_groups != 1:
+            raise ValueError("prefix caching over several KV cache groups is not supported yet")
         self.pool = pool
         self.block_size = block_size
-        self.copy_block = copy_block  # copies one block's K/V to another (KVCache.copy_block)
+        self.storage = storage  # the K/V tensors: copy-on-write and swap copies go through it
+        self.num_groups = num_groups
         self.prefix_cache = RadixPrefixCache(pool, block_size) if enable_prefix_caching else None
+        self.requests: dict[str, RequestKV] = {}
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
+        # swap preemption: request id -> (CPU copies of K, V, blocks per group)
+        self.swap_space = swap_space
+        self._swapped: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self.swap_bytes_used = 0
+        self.num_swapped_blocks = 0  # blocks currently held in the CPU pool
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
-        """Blocks already holding a prefix of this request's tokens, and how many tokens they cover.
+    # ------------------------------------------------------------------ state
+    def block_tables(self, request_id: str) -> list[list[int]]:
+        """The request's blocks, one list per KV cache group (empty lists when it holds none)."""
+        kv = self.requests.get(request_id)
+        return kv.tables if kv is not None else [[] for _ in range(self.num_groups)]
 
-        The request takes a reference on each block and locks their tree path. A hit stops at least one
-        token short of the whole sequence: the last token must still run to produce logits.
+    def block_ids(self, request_id: str) -> list[int]:
+        """The request's blocks in the first (with one group: the only) KV cache group."""
+        return self.block_tables(request_id)[0]
 
-        A full hit (a block-aligned sequence seen before) would then recompute its whole last block,
-        as vLLM does, because the last token's K/V goes into that block and the tree shares it. Instead
-        the block is copied into one of the request's own (copy-on-write) and only the last token runs:
-        a repeated 1,088-token prompt computes 1 token instead of 16."""
+    def _kv(self, request_id: str) -> RequestKV:
+        kv = self.requests.get(request_id)
+        if kv is None:
+            kv = self.requests[request_id] = RequestKV([[] for _ in range(self.num_groups)])
+        return kv
+
+    # ------------------------------------------------------------------ prefix hits
+    def get_computed_blocks(self, request: Request) -> PrefixHit:
+        """Which cached blocks hold a prefix of this request's tokens. Takes nothing: the blocks are
+        shared, and their tree path locked, only when ``allocate_slots`` succeeds with this hit.
+
+        A hit stops at least one token short of the whole sequence: the last token must still run to
+        produce logits. That token's K/V, and any token after a partial-block hit, go into a block
+        the tree shares, so that block (the tail) is copied into one of the request's own first
+        (copy-on-write) and only the tokens after the hit run: a repeated prompt of any length
+        computes one token, where vLLM recomputes its whole last block."""
         if self.prefix_cache is None:
-            return [], 0
+            return PrefixHit()
         tokens = request.all_token_ids
-        match = self.prefix_cache.match_prefix(tokens)
-        self.prefix_cache.lock(match.node)
-        request.prefix_node = match.node
-        blocks = list(match.block_ids)
-        hit = len(blocks) * self.block_size
-        own = None
-        if blocks and hit == len(tokens):  # a full hit: the last token would write into a shared block
-            last = blocks.pop()
-            hit -= self.block_size
-            if self.copy_block is not None and self.pool.num_free > 0:  # else recompute the last block
-                own = self.pool.allocate(1)[0]
-                self.copy_block(last, own)
-        self.pool.incref(blocks)
-        if own is not None:
-            blocks.append(own)
-            hit += self.block_size - 1
-        self.prefix_queries += len(tokens)
-        self.prefix_hits += hit
-        return blocks, hit
+        m = self.prefix_cache.match_prefix(tokens)
+        blocks, tail, tail_tokens = list(m.block_ids), m.tail_block, m.tail_tokens
+        if len(blocks) * self.block_size >= len(tokens):  # everything cached: the last block becomes the tail
+            tail, tail_tokens = blocks.pop(), self.block_size
+        tail_tokens = min(tail_tokens, len(tokens) - 1 - len(blocks) * self.block_size)
+        if tail_tokens <= 0 or self.storage is None:
+            tail, tail_tokens = None, 0
+        return PrefixHit(blocks, m.node, tail, tail_tokens, len(blocks) * self.block_size + tail_tokens)
 
+    # ------------------------------------------------------------------ allocation
     def blocks_needed(self, request: Request, num_new_tokens: int) -> int:
+        """New blocks per group for ``num_new_tokens`` more tokens after the computed ones."""
         total = request.num_computed_tokens + num_new_tokens
-        return max(0, cdiv(total, self.block_size) - len(request.block_ids))
+        return max(0, cdiv(total, self.block_size) - len(self.block_ids(request.request_id)))
 
-    def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
-        return self.blocks_needed(request, num_new_tokens) <= self.pool.num_free
-
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> list[int] | None:
-        """Make room for ``num_new_tokens`` more tokens of ``request``; the new block ids, or None when
-        the pool cannot hold them (the caller then preempts someone or waits). Allocates all or nothing."""
-        need = self.blocks_needed(request, num_new_tokens)
-        if need > self.pool.num_free and self.prefix_cache is not None:
-            self.prefix_cache.evict(need - self.pool.num_free)
-        if need > self.pool.num_free:
+    def _take(self, n: int) -> list[int] | None:
+        """``n`` free blocks, evicting prefix-tree leaves for them if need be; None when even that fails."""
+        if n > self.pool.num_free and self.prefix_cache is not None:
+            self.prefix_cache.evict(n - self.pool.num_free)
+        if n > self.pool.num_free:
             return None
-        new = self.pool.allocate(need)
-        request.block_ids.extend(new)
+        new = self.pool.allocate(n)
+        if self.storage is not None:
+            self.storage.zero_new(new)  # never-used memory may hold NaN; reads cover whole blocks
         return new
 
+    def allocate_slots(self, request: Request, num_new_tokens: int, hit: PrefixHit | None = None) -> list[int] | None:
+        """Make room for ``num_new_tokens`` more tokens of ``request`` (after ``hit``'s tokens, when the
+        request starts with a prefix hit); the new block ids of the first group, or None when the pool
+        cannot hold them (the caller then preempts someone or waits). All or nothing: on None the
+        request holds exactly what it held before."""
+        if hit is None or not (hit.blocks or hit.tail is not None):
+            need = self.blocks_needed(request, num_new_tokens) * self.num_groups
+            new = self._take(need)
+            if new is None:
+                return None
+            kv = self._kv(request.request_id)
+            per = len(new) // self.num_groups
+            for g in range(self.num_groups):
+                kv.tables[g].extend(new[g * per : (g + 1) * per])
+            return new[:per]
+        # A prefix hit: protect its blocks from the eviction that making room may need.
+        assert not self.block_ids(request.request_id), "a prefix hit is for a request that holds nothing"
+        self.prefix_cache.lock(hit.node)
+        if hit.tail is not None:
+            self.pool.incref([hit.tail])
+        need = cdiv(hit.num_tokens + num_new_tokens, self.block_size) - len(hit.blocks)
+        new = self._take(need)
+        if hit.tail is not None:
+            if new is not None:
+                self.storage.copy_block(hit.tail, new[0])
+            self.pool.decref([hit.tail])
+        if new is None:
+            self.prefix_cache.unlock(hit.node)
+            return None
+        self.pool.incref(hit.blocks)
+        kv = self._kv(request.request_id)
+        kv.tables[0] = hit.blocks + new
+        kv.prefix_node = hit.node
+        return new
+
+    def record_hit(self, request: Request, hit: PrefixHit) -> None:
+        """Count an admitted request's lookup in the hit rate (tokens asked for, tokens found)."""
+        if self.prefix_cache is not None:
+            self.prefix_queries += request.num_tokens
+            self.prefix_hits += hit.num_tokens
+
+    # ------------------------------------------------------------------ prefix tree
     def cache_blocks(self, request: Request) -> None:
         """Put the request's whole computed blocks (prompt and generated tokens alike) into the prefix
         tree as soon as they are computed, not only when it finishes: requests that share a prefix
         and arrive together then hit what the first one has already prefilled (vLLM does the same)."""
-        if self.prefix_cache is None:
+        kv = self.requests.get(request.request_id)
+        if self.prefix_cache is None or kv is None:
             return
-        n_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
-        if n_full > request.num_blocks_in_tree:
-            self.prefix_cache.insert(request.all_token_ids[: n_full * self.block_size], request.block_ids[:n_full])
-            request.num_blocks_in_tree = n_full
+        table = kv.tables[0]
+        n_full = min(request.num_computed_tokens // self.block_size, len(table))
+        if n_full > kv.num_blocks_in_tree:
+            self.prefix_cache.insert(request.all_token_ids[: n_full * self.block_size], table[:n_full])
+            kv.num_blocks_in_tree = n_full
 
     def free(self, request: Request) -> None:
         """Drop the request's references, last block first, so its tail is reused before its head.
 
-        With a prefix cache, its computed blocks stay in the tree (``cache_blocks``), so a later request
-        (or the next turn of a chat) finds them."""
+        With a prefix cache, its computed blocks stay in the tree, the partial last one too, so a
+        later request (or the next turn of a chat) finds them."""
+        kv = self.requests.pop(request.request_id, None)
+        if kv is None:
+            return
         if self.prefix_cache is not None:
-            self.cache_blocks(request)
-            request.num_blocks_in_tree = 0
-            if request.prefix_node is not None:
-                self.prefix_cache.unlock(request.prefix_node)
-                request.prefix_node = None
-        self.pool.decref(list(reversed(request.block_ids)))
-        request.block_ids = []
+            table = kv.tables[0]
+            n = min(request.num_computed_tokens, len(table) * self.block_size)
+            if n:
+                self.prefix_cache.insert(request.all_token_ids[:n], table[: cdiv(n, self.block_size)])
+            if kv.prefix_node is not None:
+                self.prefix_cache.unlock(kv.prefix_node)
+        for table in reversed(kv.tables):
+            self.pool.decref(list(reversed(table)))
 
-    def check_integrity(self, requests: list[Request]) -> None:
+    # ------------------------------------------------------------------ swap preemption
+    def swap_out(self, request: Request) -> bool:
+        """Copy the request's blocks to the CPU pool and free them; False (nothing done) when the CPU
+        pool (``swap_space`` bytes) cannot take them."""
+        kv = self.requests.get(request.request_id)
+        if kv is None or self.storage is None:
+            return False
+        ids = [b for t in kv.tables for b in t]
+        nbytes = len(ids) * self.storage.spec.block_bytes(self.block_size)
+        if self.swap_bytes_used + nbytes > self.swap_space:
+            return False
+        k, v = self.storage.copy_out(ids)
+        self._swapped[request.request_id] = (k, v, len(kv.tables[0]))
+        self.swap_bytes_used += nbytes
+        self.num_swapped_blocks += len(ids)
+        self.free(request)
+        return True
+
+    def swap_in(self, request: Request) -> bool:
+        """Bring a swapped-out request's blocks back (evicting from the prefix tree if need be, like
+        any allocation); False when the pool cannot hold them yet."""
+        k, v, per = self._swapped[request.request_id]
+        new = self._take(per * self.num_groups)
+        if new is None:
+            return False
+        self.storage.copy_in(new, k, v)
+        kv = self._kv(request.request_id)
+        kv.tables = [new[g * per : (g + 1) * per] for g in range(self.num_groups)]
+        self.drop_swap(request)
+        return True
+
+    def is_swapped(self, request: Request) -> bool:
+        return request.request_id in self._swapped
+
+    def drop_swap(self, request: Request) -> None:
+        """Forget a request's CPU copy (it came back, or finished while swapped out)."""
+        entry = self._swapped.pop(request.request_id, None)
+        if entry is not None:
+            n = entry[2] * self.num_groups
+            self.swap_bytes_used -= n * self.storage.spec.block_bytes(self.block_size)
+            self.num_swapped_blocks -= n
+
+    # ------------------------------------------------------------------ inspection
+    def check_integrity(self) -> None:
         """Every block's ref count equals its holders (the tree, live requests); free + held == total."""
         holders = [0] * self.pool.num_blocks
         tree_blocks = self.prefix_cache.block_ids() if self.prefix_cache is not None else []
         for b in tree_blocks:
             holders[b] += 1
-        for r in requests:
-            for b in r.block_ids:
-                holders[b] += 1
+        for kv in self.requests.values():
+            for table in kv.tables:
+                for b in table:
+                    holders[b] += 1
         assert holders == self.pool.ref_cnt, "block ref counts differ from their holders"
         held = sum(1 for h in holders[1:] if h)
         assert self.pool.num_free + held == self.pool.num_usable
         self.pool.check_integrity()
         if self.prefix_cache is not None:
             self.prefix_cache.check_integrity()
+            locks = sum(1 for kv in self.requests.values() if kv.prefix_node is not None)
+            assert self.prefix_cache.root.lock_ref == 1 + locks, "tree locks differ from the requests holding them"
 
     def usage(self) -> CacheUsage:
         """free + cached + used == total. "cached" blocks are held by the prefix tree alone: they keep

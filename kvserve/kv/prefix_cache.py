@@ -3,6 +3,12 @@
 Keys are token ids cut into whole blocks; each node holds a run of blocks and the block ids that
 hold their K/V. A new request walks down the tree and reuses the longest cached prefix.
 
+A finished request also leaves its last, partial block, as a leaf of fewer than ``block_size``
+tokens. Below the whole blocks a match is token-granular (as in SGLang): the child block that shares
+the most leading tokens with the rest of the request is its *tail*, which the request copies into a
+block of its own before writing after those tokens (copy-on-write), so a repeated prompt of any
+length computes one token.
+
     root
      └─ [sys prompt: 4 blocks]                 lock 2   (two running requests use it)
           ├─ [question A + answer: 2 blocks]    lock 0   <- evictable leaf
@@ -21,7 +27,16 @@ from typing import Callable
 
 from kvserve.kv.block_pool import BlockPool
 
-Block = tuple[int, ...]  # the block_size token ids of one block
+Block = tuple[int, ...]  # the block_size token ids of one block (fewer in a partial leaf)
+
+
+def _common_prefix(block: Block, tokens: list[int]) -> int:
+    n = 0
+    for a, b in zip(block, tokens):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 @dataclass(eq=False)
@@ -39,10 +54,14 @@ class Node:
 
 
 class MatchResult:
-    __slots__ = ("block_ids", "node")
+    """Whole blocks matched (down to ``node``), and the best tail below them: a block whose first
+    ``tail_tokens`` tokens continue the match (0 when none)."""
 
-    def __init__(self, block_ids: list[int], node: Node):
+    __slots__ = ("block_ids", "node", "tail_block", "tail_tokens")
+
+    def __init__(self, block_ids: list[int], node: Node, tail_block: int | None = None, tail_tokens: int = 0):
         self.block_ids, self.node = block_ids, node
+        self.tail_block, self.tail_tokens = tail_block, tail_tokens
 
 
 class RadixPrefixCache:
@@ -85,7 +104,8 @@ class RadixPrefixCache:
 
     def match_prefix(self, token_ids: list[int]) -> MatchResult:
         """Longest cached block-aligned prefix of ``token_ids``: its block ids and the deepest node
-        (lock that node while the blocks are in use). Touches the path (LRU)."""
+        (lock that node while the blocks are in use), then the best tail block below it. Touches the
+        path (LRU); changes nothing else but where a node is split."""
         blocks = self._split_tokens(token_ids)
         node, ids, i = self.root, [], 0
         now = next(self._clock)
@@ -93,26 +113,47 @@ class RadixPrefixCache:
             node, k = step
             ids += node.block_ids
             i += k
-        return MatchResult(ids, node)
+        rest = token_ids[len(ids) * self.block_size :]
+        best, best_len = None, 0
+        if rest:
+            for child in node.children.values():
+                n = _common_prefix(child.blocks[0], rest)
+                if n > best_len:
+                    best, best_len = child, n
+        if best is None:
+            return MatchResult(ids, node)
+        best.last_access = now
+        return MatchResult(ids, node, best.block_ids[0], best_len)
 
     def insert(self, token_ids: list[int], block_ids: list[int]) -> int:
-        """Cache the whole blocks of ``token_ids`` (held in ``block_ids``). Returns how many blocks
-        were cached already: for those the caller's own copies are duplicates (it frees them as usual);
-        the tree takes a reference on each block it adds."""
+        """Cache the whole blocks of ``token_ids`` (held in ``block_ids``) and, when ``block_ids`` holds
+        one more block for the tokens past the last whole one, that partial block as a leaf. Returns
+        how many whole blocks were cached already: for those the caller's own copies are duplicates (it
+        frees them as usual); the tree takes a reference on each block it adds."""
         blocks = self._split_tokens(token_ids)[: len(block_ids)]
         node, i = self.root, 0
         now = next(self._clock)
+        cached = None
         while i < len(blocks):
             step = self._descend(node, blocks, i, now)
             if step is None:
-                new = Node(blocks[i:], list(block_ids[i : len(blocks)]), node, {}, 0, now)
-                node.children[blocks[i]] = new
-                self.pool.incref(new.block_ids)
-                self.num_blocks += new.num_blocks
-                return i
+                cached = i
+                node = self._add_child(node, blocks[i:], block_ids[i : len(blocks)], now)
+                break
             node, k = step
             i += k
-        return i
+        n_full = len(blocks)
+        partial = tuple(token_ids[n_full * self.block_size :])
+        if partial and len(block_ids) > n_full and len(partial) < self.block_size and partial not in node.children:
+            self._add_child(node, [partial], [block_ids[n_full]], now)
+        return n_full if cached is None else cached
+
+    def _add_child(self, node: Node, blocks: list[Block], block_ids: list[int], now: int) -> Node:
+        new = Node(list(blocks), list(block_ids), node, {}, 0, now)
+        node.children[blocks[0]] = new
+        self.pool.incref(new.block_ids)
+        self.num_blocks += new.num_blocks
+        return new
 
     # ------------------------------------------------------------------ locks
     def lock(self, node: Node) -> None:
@@ -165,12 +206,15 @@ class RadixPrefixCache:
 
     # ------------------------------------------------------------------ inspection
     def check_integrity(self) -> None:
-        """Tree bookkeeping is consistent and each of its blocks is held in the pool."""
+        """Tree bookkeeping is consistent and each of its blocks is held in the pool; a partial block
+        is a leaf of one block."""
         count = 0
         for n in self._nodes():
             if n is self.root:
                 continue
             assert n.num_blocks == len(n.blocks) > 0
+            if len(n.blocks[-1]) < self.block_size:
+                assert n.num_blocks == 1 and not n.children, "a partial block must be a leaf of its own"
             assert n.parent.children[n.blocks[0]] is n
             assert n.lock_ref >= sum(c.lock_ref for c in n.children.values())
             for b in n.block_ids:

@@ -1,9 +1,22 @@
-"""The memory arithmetic of a KV cache (the seeds' formula) and how a byte budget becomes blocks.
+"""What KV memory each layer needs, and the arithmetic that turns it into bytes and blocks.
+
+The seeds' formula, for a model whose layers are all alike:
 
     bytes = 2 (K and V) * layers * kv_heads * head_dim * seq_len * batch * bytes_per_value
+
+Layers need not be alike: a layer may attend to everything (full) or to a sliding window, and a
+cache may store K/V quantized with scales beside them. So the spec is per layer (``LayerKVSpec``),
+and layers with equal specs form a **KV cache group** (vLLM v1's ``KVCacheGroupSpec``). Each request
+has one block table per group, all drawn from the one block pool. Groups hold equally many layers,
+so that one block id means the same number of bytes in every group (vLLM's hybrid allocator does
+the same): a model with 15 sliding and 3 global layers gets 6 groups of 3.
+
+    KVSpec(groups=[KVCacheGroup(spec=full, layers=(0..29))])      every model today: one group
 """
 from __future__ import annotations
 
+import enum
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,36 +28,117 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+class AttentionType(str, enum.Enum):
+    FULL = "full"  # every earlier token
+    SLIDING = "sliding"  # the last ``window`` tokens (plus ``num_sinks`` first ones)
+
+
 @dataclass(frozen=True)
-class KVSpec:
-    """Shape of the KV cache of one model: what one token costs."""
+class LayerKVSpec:
+    """The KV cache of one layer: what one token costs there, and which tokens it keeps."""
 
-    num_layers: int
-    num_kv_heads: int
+    num_kv_heads: int  # on this rank
     head_dim: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # storage dtype of K and V
+    attention: AttentionType = AttentionType.FULL
+    window: int | None = None  # sliding layers: tokens kept behind the current one
+    num_sinks: int = 0  # first tokens a sliding layer keeps too (StreamingLLM's attention sinks)
+    scales: str | None = None  # layout of quantization scales beside the values; None = unquantized
 
-    @classmethod
-    def from_model(cls, cfg: ModelConfig, dtype: torch.dtype) -> "KVSpec":
-        return cls(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+    def __post_init__(self) -> None:
+        if (self.attention == AttentionType.SLIDING) != (self.window is not None):
+            raise ValueError("a sliding layer needs a window, and only a sliding layer has one")
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V of one token over all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes(self.dtype)
+        """K and V of one token in this layer."""
+        return 2 * self.num_kv_heads * self.head_dim * dtype_bytes(self.dtype)
+
+
+@dataclass(frozen=True)
+class KVCacheGroup:
+    """Layers with equal specs: one block table per request serves all of them."""
+
+    spec: LayerKVSpec
+    layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """The KV cache of a whole model: its groups, and the memory arithmetic summed over them."""
+
+    groups: tuple[KVCacheGroup, ...]
+
+    def __post_init__(self) -> None:
+        sizes = {len(g.layers) for g in self.groups}
+        if len(sizes) != 1:
+            raise ValueError(f"KV cache groups must hold equally many layers, got {sorted(sizes)}")
+        shapes = {(g.spec.num_kv_heads, g.spec.head_dim, g.spec.dtype) for g in self.groups}
+        if len(shapes) != 1:
+            raise ValueError("KV cache groups must share one per-layer shape (heads, head_dim, dtype)")
+
+    @classmethod
+    def from_model(cls, cfg: ModelConfig, dtype: torch.dtype) -> "KVSpec":
+        """Every layer attends to every earlier token: one group of all layers."""
+        layer = LayerKVSpec(cfg.num_kv_heads, cfg.head_dim, dtype)
+        return cls((KVCacheGroup(layer, tuple(range(cfg.num_layers))),))
+
+    # -- what the groups share (one per-layer shape, equally many layers) -------------------------
+    @property
+    def layer(self) -> LayerKVSpec:
+        return self.groups[0].spec
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.layer.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.layer.head_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layer.dtype
+
+    @property
+    def layers_per_group(self) -> int:
+        return len(self.groups[0].layers)
+
+    @property
+    def num_layers(self) -> int:
+        return sum(len(g.layers) for g in self.groups)
+
+    def group_of(self) -> list[tuple[int, int]]:
+        """For each layer: (its group, its index inside the group)."""
+        out = [(0, 0)] * self.num_layers
+        for gi, g in enumerate(self.groups):
+            for j, layer in enumerate(g.layers):
+                out[layer] = (gi, j)
+        return out
+
+    # -- memory arithmetic ------------------------------------------------------------------------
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token over all layers (every group keeps it, while it is in its window)."""
+        return sum(len(g.layers) * g.spec.bytes_per_token for g in self.groups)
 
     def formula_bytes(self, seq_len: int, batch: int = 1) -> int:
         """The seeds' formula: 2 * layers * kv_heads * head_dim * seq * batch * bytes."""
         return self.bytes_per_token * seq_len * batch
 
     def block_bytes(self, block_size: int) -> int:
-        return self.bytes_per_token * block_size
+        """One block of the pool: block_size tokens of one group's layers (groups hold equally many)."""
+        return self.layers_per_group * self.layer.bytes_per_token * block_size
 
     def blocks_for_budget(self, budget_bytes: int, block_size: int) -> int:
         return budget_bytes // self.block_bytes(block_size)
 
     def max_tokens_for_budget(self, budget_bytes: int) -> int:
         return budget_bytes // self.bytes_per_token
+
+    def blocks_for_tokens(self, num_tokens: int, block_size: int) -> int:
+        """Blocks one sequence of ``num_tokens`` holds, over all groups (full attention)."""
+        return len(self.groups) * math.ceil(num_tokens / block_size)
 
 
 def format_bytes(n: float) -> str:

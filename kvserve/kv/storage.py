@@ -3,11 +3,15 @@
 Layout, per layer (K and V alike), flat over slots:
 
     slot = block_id * block_size + offset_in_block
-    k[layer] : [num_blocks * block_size, kv_heads, head_dim]
-               |-- block 0 (null, zeros) --|-- block 1 --|-- block 2 --| ...
+    k[j] : [num_blocks * block_size, kv_heads, head_dim]
+           |-- block 0 (null, zeros) --|-- block 1 --|-- block 2 --| ...
 
 A paged cache has many small blocks; the contiguous cache is the same tensor with one
 ``max_model_len``-token block per sequence. The model never knows which it has.
+
+KV cache groups (``kv.spec``) share these tensors: layer ``l`` of group ``g`` lives in ``k[j]``, j its
+index inside the group. A block id belongs to one group at a time (the pool hands each id out once),
+so the groups never write over each other, and one block id costs the same bytes in every group.
 """
 from __future__ import annotations
 
@@ -23,21 +27,23 @@ class KVCache:
 
     def __init__(self, spec: KVSpec, num_blocks: int, block_size: int, device: torch.device | str = "cpu"):
         self.spec, self.num_blocks, self.block_size = spec, num_blocks, block_size
-        shape = (spec.num_layers, num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
+        self.layer_index = [j for _, j in spec.group_of()]  # layer -> its tensor index k[j], v[j]
+        shape = (spec.layers_per_group, num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
         # empty, not zeros: untouched pages cost no RAM, so a large contiguous reservation is cheap
         # until used. But reads cover whole blocks, and masked positions past a request's length
         # must hold finite values (a zero attention weight times NaN is still NaN): each block is
-        # zeroed the first time it is handed out (see ``prepare``); after that it holds stale but
-        # finite K/V. Block 0, the null block that pads block tables, is zeroed now.
+        # zeroed the first time it is allocated (``zero_new``, called by the manager); after that it
+        # holds stale but finite K/V. Block 0, the null block that pads block tables, is zeroed now.
         # On the CPU, on 2 MiB pages: decode reads scattered blocks, and 4 KiB pages make each one a TLB miss.
         self.k = hugepages.empty(shape, spec.dtype, device)
         self.v = hugepages.empty(shape, spec.dtype, device)
         self._zeroed = np.zeros(num_blocks, dtype=bool)
-        self.prepare(np.array([0]))
+        self.zero_new([0])
 
-    def prepare(self, block_ids: np.ndarray) -> None:
+    def zero_new(self, block_ids: list[int]) -> None:
         """Zero the blocks among ``block_ids`` that have never been used (once per block)."""
-        fresh = block_ids[~self._zeroed[block_ids]]
+        ids = np.asarray(block_ids, dtype=np.int64)
+        fresh = ids[~self._zeroed[ids]]
         if fresh.size:
             for b in fresh.tolist():
                 self.k[:, b * self.block_size : (b + 1) * self.block_size].zero_()
@@ -56,8 +62,9 @@ class KVCache:
         """Store the new tokens' K/V ``[T, kv_heads, head_dim]`` at their slots ``[T]``."""
         if k.device != self.device:
             raise RuntimeError(f"KV write: tensors on {k.device} but the cache is on {self.device}")
-        self.k[layer].index_copy_(0, slot_mapping, k)
-        self.v[layer].index_copy_(0, slot_mapping, v)
+        j = self.layer_index[layer]
+        self.k[j].index_copy_(0, slot_mapping, k)
+        self.v[j].index_copy_(0, slot_mapping, v)
 
     def read(self, layer: int, where: slice | tuple[torch.Tensor, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the cached tokens of some requests.
@@ -66,14 +73,15 @@ class KVCache:
         ``(block_table [B, n], width)``: a gather of whole blocks -> ``[B, width, kv_heads, head_dim]``,
         width = n * block_size, or less when each request has one (large) block. Positions past a
         request's length hold finite stale values; the caller masks them."""
+        j = self.layer_index[layer]
         if isinstance(where, slice):
-            return self.k[layer, where], self.v[layer, where]
+            return self.k[j, where], self.v[j, where]
         table, width = where
         B, n = table.shape
         blocks = table.reshape(-1)
         per_block = min(self.block_size, width)
         out = []
-        for cache in (self.k[layer], self.v[layer]):
+        for cache in (self.k[j], self.v[j]):
             view = cache.view(self.num_blocks, self.block_size, *cache.shape[1:])[:, :per_block]
             out.append(view.index_select(0, blocks).view(B, n * per_block, *cache.shape[1:])[:, :width])
         return out[0], out[1]
@@ -81,14 +89,15 @@ class KVCache:
     def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's K and V pools as ``[num_blocks, block_size, kv_heads, head_dim]`` views."""
         shape = (self.num_blocks, self.block_size, *self.k.shape[2:])
-        return self.k[layer].view(shape), self.v[layer].view(shape)
+        j = self.layer_index[layer]
+        return self.k[j].view(shape), self.v[j].view(shape)
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy block ``src``'s K/V, every layer, into block ``dst`` (copy-on-write of a shared block)."""
         bs = self.block_size
         self.k[:, dst * bs : (dst + 1) * bs] = self.k[:, src * bs : (src + 1) * bs]
         self.v[:, dst * bs : (dst + 1) * bs] = self.v[:, src * bs : (src + 1) * bs]
-        self._zeroed[dst] = True  # holds data now: ``prepare`` must not zero it
+        self._zeroed[dst] = True  # holds data now: ``zero_new`` must not zero it
 
     # -- moving whole blocks (swap preemption) --------------------------------------------------
     def block_slots(self, block_ids: list[int]) -> torch.Tensor:
@@ -103,3 +112,4 @@ class KVCache:
         slots = self.block_slots(block_ids)
         self.k[:, slots] = k.to(self.device)
         self.v[:, slots] = v.to(self.device)
+        self._zeroed[block_ids] = True

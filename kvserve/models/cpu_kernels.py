@@ -27,13 +27,16 @@ runs at ~30 GB/s; the arithmetic alone, from cache, at ~40 GB/s).
   * work split into equal *costs* (tokens to read) per thread, not equal counts of requests.
 
 Built on first use with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja; ~1 minute, cached per
-CPU type under ~/.cache/torch_extensions). Anything missing -> a warning and the PyTorch path.
-KVSERVE_CPU_KERNELS=0 turns it off.
+CPU type under ~/.cache/torch_extensions; later processes load the build in ~0.1 s). A build says so on
+stderr (a logging warning) once it has run for a second or two, instead of a silent minute. Anything
+missing -> a warning and the PyTorch path. KVSERVE_CPU_KERNELS=0 turns it off.
 """
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 
 import torch
 
@@ -369,6 +372,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_blocks, torch::Tenso
 """
 
 _state: dict = {"module": None, "tried": False}
+_ANNOUNCE_AFTER_S = 1.5
 
 
 def _load():
@@ -377,6 +381,18 @@ def _load():
     _state["tried"] = True
     if os.environ.get("KVSERVE_CPU_KERNELS", "1") == "0":
         return None
+    # load_inline is silent, and whether it will compile (first run, new CPU type, changed source) is
+    # ninja's decision inside it. A finished build loads in ~0.1 s, so anything still running after
+    # ANNOUNCE_AFTER_S seconds is a build: say so then.
+    t0, done, announced = time.perf_counter(), threading.Event(), []
+
+    def announce():
+        if not done.wait(_ANNOUNCE_AFTER_S):
+            announced.append(True)
+            log.warning("building kvserve C++ kernels (first run on this machine, ~1 min; "
+                        "KVSERVE_CPU_KERNELS=0 skips them)...")
+
+    threading.Thread(target=announce, name="kvserve-kernel-build-notice", daemon=True).start()
     try:
         from torch.utils.cpp_extension import load_inline
 
@@ -394,6 +410,10 @@ def _load():
             verbose=False)
     except Exception as e:  # no compiler, no ninja, no headers: the PyTorch path still works
         log.warning("CPU paged-decode kernel unavailable (%s: %s); using gather + SDPA", type(e).__name__, e)
+    finally:
+        done.set()
+    if announced and _state["module"] is not None:
+        log.warning("kvserve C++ kernels built in %.0f s (cached for later runs)", time.perf_counter() - t0)
     return _state["module"]
 
 

@@ -1,7 +1,8 @@
 """One decoder for the Llama family: RMSNorm, RoPE, GQA/MQA attention, SwiGLU MLP, tied embeddings.
 
 ``forward`` takes a ForwardBatch (a flat list of new tokens from any number of requests, prompt
-chunks and decodes mixed) and the KV cache; the same code runs prefill and decode.
+chunks and decodes mixed) and the attention backend, which owns the KV cache; the same code runs
+prefill and decode, and the model never sees how the cache is laid out.
 Q/K/V and gate/up are fused into one matmul each: fewer, larger ops per layer.
 """
 from __future__ import annotations
@@ -10,17 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
+from kvserve.attn import AttentionBackend, ForwardBatch
 from kvserve.config import ModelConfig
-from kvserve.engine.batch import ForwardBatch
-from kvserve.kv.storage import KVCache
-from kvserve.models.attention import attention
 from kvserve.models.layers import Linear, Rotary, add_rms_norm, rms_norm, silu_and_mul
 
 
 @dataclass
 class DecoderLayer:
     input_norm: torch.Tensor
-    qkv_proj: Linear  # [q_size + 2 * kv_size, hidden]
+    qkv_proj: Linear  # [q_size + 2 * kv_size, hidden], with the q/k/v biases when cfg.attention_bias
     o_proj: Linear
     post_attn_norm: torch.Tensor
     gate_up_proj: Linear  # [2 * intermediate, hidden]
@@ -39,20 +38,35 @@ class Decoder:
     ):
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         dev = lambda t: t.to(self.device)  # noqa: E731
-        lin = lambda w, q=quantization: Linear(w.to(self.device), q)  # noqa: E731
+        lin = lambda w, q=quantization, bias=None: Linear(w.to(self.device), q, bias)  # noqa: E731
         # w8a8 leaves down_proj unquantized: its input (SiLU(gate) * up) has the widest outliers, and
         # quantizing it too drops agreement with fp32 from 338 to 319 of 360 teacher-forced tokens
         down_q = None if quantization == "w8a8" else quantization
         self.layers: list[DecoderLayer] = []
         for i in range(cfg.num_layers):
             w = lambda name: weights[f"layers.{i}.{name}"]  # noqa: E731
+
+            def fused(name: str, parts: tuple[str, ...]) -> torch.Tensor:
+                # The loader may hand a fused tensor over (the GGUF path does: its disk cache holds it
+                # fused, so a load maps it instead of copying); else concatenate the parts here.
+                key = f"layers.{i}.{name}"
+                if key in weights:
+                    return weights[key]
+                missing = [p for p in parts if f"layers.{i}.{p}" not in weights]
+                if missing:
+                    raise ValueError(f"layer {i} of the checkpoint has neither {name} nor {missing}")
+                return torch.cat([w(p) for p in parts])
+
+            qkv_bias = None
+            if cfg.attention_bias:  # Qwen2: q, k and v each add a bias; fused like their weights
+                qkv_bias = fused("qkv_proj.bias", ("q_proj.bias", "k_proj.bias", "v_proj.bias"))
             self.layers.append(
                 DecoderLayer(
                     input_norm=dev(w("input_norm")),
-                    qkv_proj=lin(torch.cat([w("q_proj"), w("k_proj"), w("v_proj")])),
-                    o_proj=lin(w("o_proj")),
+                    qkv_proj=lin(fused("qkv_proj", ("q_proj", "k_proj", "v_proj")), bias=qkv_bias),
+                    o_proj=lin(w("o_proj"), bias=weights.get(f"layers.{i}.o_proj.bias")),  # Llama attention_bias
                     post_attn_norm=dev(w("post_attn_norm")),
-                    gate_up_proj=lin(torch.cat([w("gate_proj"), w("up_proj")])),
+                    gate_up_proj=lin(fused("gate_up_proj", ("gate_proj", "up_proj"))),
                     down_proj=lin(w("down_proj"), down_q),
                 )
             )
@@ -62,7 +76,7 @@ class Decoder:
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, max_positions or cfg.max_position_embeddings, dtype, self.device)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
         """Hidden states of the rows in ``batch.logits_idx``: [S, hidden]."""
         cfg = self.cfg
         T = batch.num_tokens
@@ -80,7 +94,7 @@ class Decoder:
             qk = self.rotary.rotate_(qkv[:, :qk_size].view(T, -1, cfg.head_dim), batch.positions)
             q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
             v = qkv[:, qk_size:].view(T, cfg.num_kv_heads, cfg.head_dim)
-            o = attention(q, k, v, kv, i, batch)
+            o = attn.forward(q, k, v, i, batch.attn)
             x = add_rms_norm(h, layer.o_proj(o.reshape(T, cfg.q_size)), layer.post_attn_norm, cfg.rms_norm_eps)
             mlp_out = layer.down_proj(silu_and_mul(layer.gate_up_proj(x)))
         h = h + mlp_out

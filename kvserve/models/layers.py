@@ -55,7 +55,7 @@ QUANTIZATIONS = (None, "int8", "w8a8")
 
 
 class Linear:
-    """``y = x @ W.T`` with W in the model's dtype, or as int8 with one scale per output row.
+    """``y = x @ W.T (+ b)`` with W in the model's dtype, or as int8 with one scale per output row.
 
     On CPU the plain weight is reordered once, at load, into oneDNN's blocked layout. ``F.linear``
     re-packs the weight inside every call, which costs as much as the product itself for the few rows
@@ -82,10 +82,17 @@ class Linear:
     # weight on the fly and running a plain x.dtype matmul beats the int8 kernel (slow with bf16 on AVX2).
     INT8_MAX_ROWS = 16
 
-    def __init__(self, weight: torch.Tensor, quantization: str | None = None):
+    def __init__(self, weight: torch.Tensor, quantization: str | None = None, bias: torch.Tensor | None = None):
         self.out_features = weight.shape[0]
         self.quantization = quantization
         self.prepacked = False
+        # [out]: Qwen2's q/k/v biases. Plain weights take it inside the product (oneDNN and F.linear add it
+        # in their epilogue); the int8 paths add it to their result.
+        if bias is not None and bias.shape != (self.out_features,):
+            raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+        self.bias = None
+        if bias is not None:
+            self.bias = bias.to(weight.device, weight.dtype if quantization is None else torch.float32).contiguous()
         if quantization is None:
             self.weight = weight.contiguous()
             if _onednn_ok(self.weight):
@@ -111,18 +118,21 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantization is None and not self.prepacked:
-            return F.linear(x, self.weight)
+            return F.linear(x, self.weight, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.prepacked:
-            y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.weight, None, "none", [], "")
-        elif self.quantization == "w8a8":
+            y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.weight, self.bias, "none", [], "")
+            return y.reshape(*shape[:-1], self.out_features)
+        if self.quantization == "w8a8":
             row_max = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
             y = torch.ops.quantized.linear_dynamic(x2.float() / row_max, self.weight, False).mul_(row_max).to(x.dtype)
         elif x2.shape[0] > self.INT8_MAX_ROWS:
             y = F.linear(x2, self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None])
         else:
             y = torch._weight_int8pack_mm(x2.to(self.act_dtype), self.weight, self.scale).to(x.dtype)
+        if self.bias is not None:
+            y = y.add_(self.bias)  # after the product: these paths are approximate anyway
         return y.reshape(*shape[:-1], self.out_features)
 
 

@@ -15,12 +15,13 @@ import argparse
 import logging
 import os
 import signal
+from dataclasses import asdict
 
-from kvserve.models.loader import DEFAULT_MODEL
+from kvserve.args import EngineArgs
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model alias or path (default: %(default)s)")
+    """The server's own flags, then the engine's (``EngineArgs.add_cli_args``: the same as ``kvserve generate``)."""
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
@@ -28,21 +29,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: --model)")
     p.add_argument("--max-queue", type=int, default=None,
                    help="most unfinished requests (running + waiting); one more gets 503 (default: no limit)")
-    g = p.add_argument_group("engine")
-    g.add_argument("--kv-cache", choices=["paged", "contiguous", "off"], default="paged")
-    g.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
-    g.add_argument("--max-num-seqs", type=int, default=16)
-    g.add_argument("--max-num-batched-tokens", type=int, default=512)
-    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    g.add_argument("--quantization", default=None, choices=["int8", "w8a8"],
-                   help="int8: weight-only; w8a8: int8 weights and per-token int8 activations (CPU)")
-    g.add_argument("--kv-cache-memory", default=None, help="paged pool size, e.g. 512MiB (default 1GiB)")
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off (paged)")
-    g.add_argument("--device", default=None, help="cpu (default) or cuda")
-    g.add_argument("--seed", type=int, default=None)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return p
+    return EngineArgs.add_cli_args(p)
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -55,14 +43,6 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, device=args.device, quantization=args.quantization, kv_cache=args.kv_cache,
-                block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-                enable_prefix_caching=False if args.no_prefix_caching else None,
-                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
-
-
 def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -71,7 +51,7 @@ def run_server(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("kvserve.server")
-    llm = AsyncLLM(args.model, max_queue=args.max_queue, **engine_kwargs(args))
+    llm = AsyncLLM(max_queue=args.max_queue, **asdict(EngineArgs.from_cli_args(args)))
     name = args.served_model_name or args.model
     app = build_app(llm, name, api_key=args.api_key)
 

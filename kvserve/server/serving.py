@@ -3,10 +3,10 @@
 One HTTP request becomes one engine request per prompt (a completions ``prompt`` may be a list), each
 with the request's ``n``. Choice ``i`` of prompt ``p`` is choice ``p * n + i`` in the response.
 
-Streaming sends each choice's new text as it comes. Two things are held back until they settle:
-text that ends in an incomplete UTF-8 character (U+FFFD), and the last ``len(longest stop) - 1``
-characters while stop strings are set, because the engine cuts a stop string out of the text once it
-is complete and what was already sent cannot be taken back.
+Streaming sends each choice's new text as it comes. The engine's texts only grow: it holds back an
+incomplete UTF-8 character and what a stop string may still cut (``kvserve.prompts.stable_text``, the
+same hold-back ``LLM`` and the CLI see), so a delta is simply the text past what was sent.
+Prompts and chat messages become token ids through ``kvserve.prompts`` too, as offline.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvserve.engine.async_llm import AsyncLLM, EngineShutdownError, QueueFullError, RequestStream
+from kvserve.prompts import as_prompt_list, encode_chat, normalize_prompt
 from kvserve.request import CompletionOutput, RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.metrics import Metrics, RequestTimer
@@ -169,22 +170,13 @@ class OpenAIServing:
             raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
     def _completion_prompts(self, req: CompletionRequest) -> list[_Prompt]:
-        p = req.prompt
-        if isinstance(p, str):
-            items = [p]
-        elif p and all(isinstance(x, int) for x in p):
-            items = [p]
-        else:
-            items = list(p)
+        items = as_prompt_list(req.prompt)
         if not items:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        return [_Prompt(x, self._encode(x)) if isinstance(x, str) else _Prompt(None, list(x)) for x in items]
-
-    def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:
-            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        except Exception as e:  # noqa: BLE001 - e.g. a lone surrogate, which JSON allows and UTF-8 does not
-            raise APIError(400, f"the prompt cannot be tokenized: {type(e).__name__}", param="prompt") from None
+            return [_Prompt(*normalize_prompt(x, self.tokenizer)) for x in items]
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> _Prompt:
         messages = []
@@ -203,11 +195,9 @@ class OpenAIServing:
                 msg["name"] = m.name
             messages.append(msg)
         try:
-            text = self.llm.apply_chat_template(messages, req.add_generation_prompt)
-        except Exception as e:  # noqa: BLE001 - a template may raise anything on odd conversations
-            raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
-        # the template already holds the special tokens
-        return _Prompt(text, self._encode(text, add_special_tokens=False))
+            return _Prompt(*encode_chat(self.tokenizer, messages, req.add_generation_prompt))
+        except ValueError as e:  # the template refused the conversation, or its text cannot be tokenized
+            raise APIError(400, str(e), param="messages") from None
 
     def _token(self, tid: int) -> str:
         s = self._token_str.get(tid)
@@ -343,7 +333,6 @@ class OpenAIServing:
     async def _stream_completion(self, req: CompletionRequest, job: _Job) -> AsyncIterator[str]:
         n = req.n
         states = [_ChoiceState() for _ in range(n * len(job.prompts))]
-        holdback = _holdback(req.stop)
         finals: dict[int, RequestOutput] = {}
         try:
             if req.echo:
@@ -357,7 +346,7 @@ class OpenAIServing:
                 choices = []
                 for c in out.outputs:
                     st = states[p * n + c.index]
-                    delta = _delta(c, st, holdback)
+                    delta = _delta(c, st)
                     if delta is None:
                         continue
                     lp = None
@@ -417,7 +406,6 @@ class OpenAIServing:
 
     async def _stream_chat(self, req: ChatCompletionRequest, job: _Job) -> AsyncIterator[str]:
         states = [_ChoiceState() for _ in range(req.n)]
-        holdback = _holdback(req.stop)
         final = None
         try:
             # the role comes first, on its own, as OpenAI sends it
@@ -429,7 +417,7 @@ class OpenAIServing:
                 choices = []
                 for c in out.outputs:
                     st = states[c.index]
-                    delta = _delta(c, st, holdback)
+                    delta = _delta(c, st)
                     if delta is None:
                         continue
                     lp = None
@@ -474,27 +462,16 @@ async def _wait_disconnect(raw: Request) -> None:
             return
 
 
-def _holdback(stop: str | list[str] | None) -> int:
-    stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-    return max((len(s) for s in stops), default=1) - 1
-
-
-def _delta(c: CompletionOutput, st: _ChoiceState, holdback: int) -> str | None:
-    """The text of choice ``c`` that is new and settled since the last chunk; None: nothing to send."""
+def _delta(c: CompletionOutput, st: _ChoiceState) -> str | None:
+    """The text of choice ``c`` past what was sent; None: nothing to send. (The engine's text is already
+    settled: see the module docstring.) A finished choice sends once more, with its finish_reason."""
     if st.finished:
         return None
-    if c.finish_reason is not None:
-        st.finished = True
-        delta = c.text[st.text_len:]
-        st.text_len = len(c.text)
-        return delta
-    end = len(c.text) - holdback
-    while end > st.text_len and c.text[end - 1] == "\ufffd":
-        end -= 1
-    if end <= st.text_len:
+    st.finished = c.finish_reason is not None
+    delta = c.text[st.text_len:]
+    if not delta and not st.finished:
         return None
-    delta = c.text[st.text_len:end]
-    st.text_len = end
+    st.text_len = max(st.text_len, len(c.text))
     return delta
 
 

@@ -54,5 +54,7 @@ def test_cache_tree_shows_the_shared_prefix(capsys):
     assert "You are a careful" in out  # the shared node's preview
     second = err.strip().splitlines()[-1]
     cached = int(second.split(",")[1].split()[0])
-    assert cached >= 32 and cached % 16 == 0  # the second prompt found the shared blocks in the cache
+    # the second prompt found the shared prefix in the cache: its full blocks and, token-granular, the
+    # part of the next block the two prompts share
+    assert cached >= 32
     assert "prefix cache:" in out

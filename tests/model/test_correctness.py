@@ -34,8 +34,7 @@ def hf_greedy(hf_model, tokenizer):
 
 def test_prefill_logits_match_hf(llm_contiguous, hf_model, tokenizer):
     """Our decoder's logits for every prompt position equal HF's (fp32)."""
-    from kvserve.engine.batch import ScheduledRequest, SchedulerOutput
-    from kvserve.engine.model_runner import build_forward_batch
+    from kvserve.engine.batch import ScheduledSeq, SchedulerOutput
     from kvserve.request import Request
 
     e = llm_contiguous.engine
@@ -44,9 +43,10 @@ def test_prefill_logits_match_hf(llm_contiguous, hf_model, tokenizer):
         req = Request("logits", ids, SamplingParams())
         assert e.kv_manager.allocate_slots(req, len(ids)) is not None
         try:
-            batch = build_forward_batch(SchedulerOutput([ScheduledRequest(req, len(ids))]), e.kv_cache)
+            plan = SchedulerOutput([ScheduledSeq("logits", ids, 0, e.kv_manager.block_tables("logits"), True)])
+            batch = e.runner.prepare(plan)
             batch.logits_idx = torch.arange(len(ids))
-            ours = e.model.compute_logits(e.model.forward(batch, e.kv_cache))
+            ours = e.model.compute_logits(e.model.forward(batch, e.attn_backend))
         finally:
             e.kv_manager.free(req)
         with torch.no_grad():

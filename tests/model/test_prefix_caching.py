@@ -32,7 +32,7 @@ def test_shared_system_prompt_hits_and_matches_no_cache(llm_paged):
     assert all(o.num_cached_tokens >= len(o.prompt_token_ids) - 16 for o in again)
     stats = llm_paged.cache_stats()
     assert stats["prefix_cache_hits"] > 0 and stats["blocks_used"] == 0
-    llm_paged.engine.kv_manager.check_integrity([])
+    llm_paged.engine.kv_manager.check_integrity()
 
 
 def run_chat(llm, turns=4):
@@ -55,7 +55,7 @@ def test_multi_turn_chat_reuses_earlier_turns():
     for prev, cur in zip(with_cache, with_cache[1:]):
         # turn N+1 finds at least the whole previous prompt in the cache
         assert cur.num_cached_tokens >= len(prev.prompt_token_ids) // 16 * 16
-    on.engine.kv_manager.check_integrity([])
+    on.engine.kv_manager.check_integrity()
 
 
 def test_eviction_under_a_small_pool_keeps_outputs_identical():
@@ -65,7 +65,7 @@ def test_eviction_under_a_small_pool_keeps_outputs_identical():
     assert tokens(small.chat(prompts, GREEDY)) == tokens(ref.chat(prompts, GREEDY))
     stats = small.cache_stats()
     assert stats["prefix_cache_evicted_blocks"] > 0
-    small.engine.kv_manager.check_integrity([])
+    small.engine.kv_manager.check_integrity()
 
 
 def test_requests_arriving_together_reuse_blocks_computed_moments_before():
@@ -77,7 +77,7 @@ def test_requests_arriving_together_reuse_blocks_computed_moments_before():
     assert tokens(outs) == tokens(off.chat(convs()[:4], GREEDY))
     assert outs[0].num_cached_tokens == 0
     assert all(o.num_cached_tokens >= 64 for o in outs[1:])
-    llm.engine.kv_manager.check_integrity([])
+    llm.engine.kv_manager.check_integrity()
 
 
 def test_full_hit_copies_the_last_block_and_computes_one_token(llm_paged):
@@ -98,4 +98,25 @@ def test_full_hit_copies_the_last_block_and_computes_one_token(llm_paged):
     assert tokens(first) == tokens(again) == reference
     after = [t[:, tree_block * bs : (tree_block + 1) * bs] for t in (e.kv_cache.k, e.kv_cache.v)]
     assert all(bool((a == b).all()) for a, b in zip(after, before))  # the shared block was not written
-    e.kv_manager.check_integrity([])
+    e.kv_manager.check_integrity()
+
+
+def test_repeated_prompt_of_any_length_computes_one_token(llm_paged):
+    """The tree keeps a finished request's partial last block too, so a repeated prompt whose length
+    is not a multiple of the block size hits all but its last token (copied on write), like a
+    block-aligned one, and gives the same greedy tokens."""
+    off = make_llm(kv_cache="paged", num_kv_blocks=256, enable_prefix_caching=False)
+    bs = llm_paged.engine.kv_cache.block_size
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for extra in (1, 5, bs - 1):
+        ids = [(i * 53 + extra) % 5000 + 100 for i in range(2 * bs + extra)]
+        reference = tokens(off.generate([ids], params, use_tqdm=False))
+        first = llm_paged.generate([ids], params, use_tqdm=False)
+        again = llm_paged.generate([ids], params, use_tqdm=False)
+        assert again[0].num_cached_tokens == len(ids) - 1
+        assert tokens(first) == tokens(again) == reference
+        # a longer prompt through the cached partial block uses its tokens too
+        longer = llm_paged.generate([ids + [777, 778]], params, use_tqdm=False)
+        assert longer[0].num_cached_tokens == len(ids)
+        assert tokens(longer) == tokens(off.generate([ids + [777, 778]], params, use_tqdm=False))
+    llm_paged.engine.kv_manager.check_integrity()

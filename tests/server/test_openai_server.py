@@ -106,7 +106,9 @@ def test_usage_reports_prefix_cache_hits(server):
     second = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0).usage
     assert first.prompt_tokens == second.prompt_tokens > 32
     cached = second.prompt_tokens_details.cached_tokens
-    assert 16 <= cached < second.prompt_tokens and cached % 16 == 0, cached
+    # the tree is token-granular (it holds the partial last block too): a repeated prompt computes only
+    # its last token, whose logits the sampler needs
+    assert cached == second.prompt_tokens - 1, cached
 
 
 def test_chat_greedy_equal_offline_async(server, offline):

@@ -48,10 +48,10 @@ def test_manager_allocates_by_block_and_frees_tail_first():
     assert m.allocate_slots(r, 2) == []  # tokens 10, 11 fit the third block
     r.num_computed_tokens = 12
     assert m.allocate_slots(r, 1) == [4]
-    assert r.block_ids == [1, 2, 3, 4]
+    assert m.block_ids("r") == [1, 2, 3, 4]
     other = req(4, "o")
     assert m.allocate_slots(other, 16) is None  # 4 blocks wanted, 3 free: all or nothing
-    assert other.block_ids == [] and m.pool.num_free == 3
+    assert m.block_ids("o") == [] and m.pool.num_free == 3
     m.free(r)
     assert m.pool.free_ids() == [5, 6, 7, 4, 3, 2, 1]
     assert m.usage().blocks_used == 0
@@ -80,19 +80,20 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 100), k=st.integers(1, 9))
     def append(self, i, k):
         r = self.live[i % len(self.live)]
-        before = list(r.block_ids)
+        before = list(self.m.block_ids(r.request_id))
         if self.m.allocate_slots(r, k) is not None:
             r.num_computed_tokens += k
             r.prompt_token_ids += [0] * k
         else:
-            assert r.block_ids == before
+            assert self.m.block_ids(r.request_id) == before
 
     @precondition(lambda self: self.live)
     @rule(i=st.integers(0, 100))
     def share(self, i):
         r = self.live[i % len(self.live)]
-        self.m.pool.incref(r.block_ids)
-        self.shared.append(list(r.block_ids))
+        ids = self.m.block_ids(r.request_id)
+        self.m.pool.incref(ids)
+        self.shared.append(list(ids))
 
     @precondition(lambda self: self.shared)
     @rule()
@@ -110,7 +111,7 @@ class PoolMachine(RuleBasedStateMachine):
         r = self.live.pop()
         self.m.free(r)
         r.num_computed_tokens = 0
-        assert r.block_ids == []
+        assert self.m.block_ids(r.request_id) == []
 
     @invariant()
     def accounted(self):
@@ -118,7 +119,7 @@ class PoolMachine(RuleBasedStateMachine):
         pool.check_integrity()
         holders = [0] * pool.num_blocks
         for r in self.live:
-            for b in r.block_ids:
+            for b in self.m.block_ids(r.request_id):
                 holders[b] += 1
         for ids in self.shared:
             for b in ids:
@@ -127,7 +128,7 @@ class PoolMachine(RuleBasedStateMachine):
         held = sum(1 for c in holders if c)
         assert pool.num_free + held == pool.num_usable
         for r in self.live:
-            assert len(r.block_ids) == -(-r.num_computed_tokens // 4)
+            assert len(self.m.block_ids(r.request_id)) == -(-r.num_computed_tokens // 4)
 
 
 TestPoolMachine = PoolMachine.TestCase

@@ -3,7 +3,7 @@ inside a group, and a long outlier does not make short requests read its whole c
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvserve.engine.model_runner import group_decodes
+from kvserve.attn.backend import group_decodes
 
 
 def test_outlier_gets_its_own_group():

@@ -3,11 +3,14 @@ test against a naive longest-prefix reference. Every test ends with an integrity
 from __future__ import annotations
 
 import hypothesis.strategies as st
+import torch
 from hypothesis import given, settings
 
 from kvserve.kv.block_pool import BlockPool
 from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.prefix_cache import RadixPrefixCache
+from kvserve.kv.spec import KVCacheGroup, KVSpec, LayerKVSpec
+from kvserve.kv.storage import KVCache
 from kvserve.request import Request
 from kvserve.sampling_params import SamplingParams
 
@@ -87,23 +90,96 @@ def test_locked_nodes_are_not_evicted_and_parents_follow_children():
     pool.check_integrity()
 
 
+def small_storage(num_blocks: int) -> KVCache:
+    """A real (tiny) KV tensor store, so copy-on-write and swap copies really move values."""
+    layer = LayerKVSpec(num_kv_heads=1, head_dim=2, dtype=torch.float32)
+    return KVCache(KVSpec((KVCacheGroup(layer, (0,)),)), num_blocks, BS)
+
+
+def manager(num_blocks=16, storage=True, swap_space=0) -> KVCacheManager:
+    store = small_storage(num_blocks) if storage else None
+    return KVCacheManager(BlockPool(num_blocks), BS, enable_prefix_caching=True, storage=store, swap_space=swap_space)
+
+
+def run(m: KVCacheManager, r: Request) -> None:
+    """Admit ``r`` as the scheduler does (prefix hit, then slots for the rest) and mark it computed."""
+    hit = m.get_computed_blocks(r)
+    assert m.allocate_slots(r, r.num_tokens - hit.num_tokens, hit) is not None
+    m.record_hit(r, hit)
+    r.num_computed_tokens = r.num_tokens
+
+
 def test_manager_caps_a_full_hit_and_checks_integrity():
-    pool = BlockPool(16)
-    m = KVCacheManager(pool, BS, enable_prefix_caching=True)
+    m = manager(storage=False)  # no storage: no copy-on-write, the shared last block is recomputed
     r = Request("a", [1, 2, 3, 4], SamplingParams())
-    assert m.get_computed_blocks(r) == ([], 0)
-    m.allocate_slots(r, 4)
-    r.num_computed_tokens = 4
+    assert m.get_computed_blocks(r).num_tokens == 0
+    run(m, r)
     m.free(r)  # inserts both blocks
     r2 = Request("b", [1, 2, 3, 4], SamplingParams())
-    blocks, hit = m.get_computed_blocks(r2)
-    assert hit == 2  # not 4: the last token must be computed to get logits
-    r2.block_ids, r2.num_computed_tokens = blocks, hit
-    m.check_integrity([r2])
+    hit = m.get_computed_blocks(r2)
+    assert hit.num_tokens == 2  # not 4: the last token must be computed to get logits
+    run(m, r2)
+    m.check_integrity()
     assert m.usage().blocks_cached == 1  # the second block: tree only
     m.free(r2)
-    m.check_integrity([])
+    m.check_integrity()
     assert m.prefix_queries == 8 and m.prefix_hits == 2
+
+
+def test_partial_last_block_is_cached_and_copied_on_write():
+    m = manager()
+    r = Request("a", [1, 2, 3, 4, 5], SamplingParams())  # blocks (1, 2) (3, 4) and a partial (5,)
+    run(m, r)
+    a = m.block_ids("a")
+    m.storage.k[0, a[2] * BS] = 7.0  # token 5's key
+    m.free(r)
+    assert m.prefix_cache.num_blocks == 3  # the partial block stays as a leaf
+    m.check_integrity()
+    # the same prompt again: 4 tokens in shared blocks, token 5 recomputed into a copy of the partial block
+    r2 = Request("b", [1, 2, 3, 4, 5], SamplingParams())
+    assert m.get_computed_blocks(r2).num_tokens == 4
+    # a longer prompt through the partial block: its 1 cached token is copied, not shared
+    r3 = Request("c", [1, 2, 3, 4, 5, 6, 7], SamplingParams())
+    hit = m.get_computed_blocks(r3)
+    assert (hit.blocks, hit.tail, hit.num_tokens) == (a[:2], a[2], 5)
+    assert m.allocate_slots(r3, 2, hit) is not None
+    own = m.block_ids("c")
+    assert own[:2] == a[:2] and own[2] not in a
+    assert bool((m.storage.k[0, own[2] * BS] == 7.0).all())  # the copy holds token 5's K/V
+    m.check_integrity()
+
+
+def test_token_granular_tail_inside_a_whole_block():
+    pool, tree = cache()
+    ids = put(pool, tree, [1, 2, 3, 4])
+    m = tree.match_prefix([1, 2, 3, 9])
+    assert m.block_ids == ids[:1] and (m.tail_block, m.tail_tokens) == (ids[1], 1)
+
+
+def test_a_hit_that_cannot_allocate_takes_nothing():
+    m = manager(num_blocks=6)  # 5 usable blocks
+    r = Request("a", [1, 2, 3, 4], SamplingParams())
+    run(m, r)
+    m.free(r)  # 2 blocks in the tree
+    big = Request("b", [1, 2, 3, 4] + list(range(10, 20)), SamplingParams())  # needs 7 blocks: 2 hit + 5 new
+    refs = list(m.pool.ref_cnt)
+    hit = m.get_computed_blocks(big)
+    assert hit.num_tokens == 4
+    assert m.allocate_slots(big, big.num_tokens - hit.num_tokens, hit) is None
+    assert m.pool.ref_cnt == refs and m.prefix_cache.root.lock_ref == 1  # no pin, no lock left behind
+    assert m.prefix_cache.num_blocks == 2  # the hit's own blocks were not evicted to make room
+    m.check_integrity()
+
+
+def test_swap_in_evicts_the_tree_like_any_allocation():
+    m = manager(num_blocks=6, swap_space=1 << 20)
+    r = Request("a", list(range(8)), SamplingParams())  # 4 blocks
+    run(m, r)
+    assert m.swap_out(r) and m.is_swapped(r)
+    assert m.pool.num_free == 1 and m.prefix_cache.num_blocks == 4  # the tree kept its copies
+    assert m.swap_in(r)  # 4 blocks: evicts tree leaves to make room
+    assert len(m.block_ids("a")) == 4 and m.num_swapped_blocks == 0
+    m.check_integrity()
 
 
 token_lists = st.lists(st.lists(st.integers(0, 2), min_size=0, max_size=10), min_size=1, max_size=12)
