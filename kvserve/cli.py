@@ -5,6 +5,7 @@
     kvserve chat --system "You are terse."                          # multi-turn REPL (or piped lines)
     kvserve estimate --model smollm2-135m --seq-len 4096 --batch 8  # KV memory arithmetic, config only
     kvserve info --model smollm2-135m                               # architecture, config only
+    kvserve ppl --kv-cache-dtype int8                               # perplexity through the (quantized) KV cache
     kvserve serve                                                   # the OpenAI-compatible HTTP server
 
 Every subcommand returns an exit code: 0 on success, 2 for a bad argument or a request the engine
@@ -100,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
                             dtype="float32")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("ppl", parents=[verbose], help="perplexity of a text through the engine's KV cache",
+                       description="Perplexity of a text (default: Python's pydoc_data.topics, ~465 KB of English) "
+                                   "computed by the engine: windows of --window tokens, each prefilled in chunks of "
+                                   "--max-num-batched-tokens, so most attention reads come from the KV cache (and "
+                                   "its --kv-cache-dtype).")
+    p.add_argument("file", nargs="?", default=None, help="a UTF-8 text file (default: pydoc_data.topics)")
+    p.add_argument("--window", type=int, default=4096, help="tokens per window (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="score only the first N tokens of the text (default: all of it)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    EngineArgs.add_cli_args(p, max_num_batched_tokens=64, max_num_seqs=4)
+    p.set_defaults(func=cmd_ppl)
 
     p = sub.add_parser("info", parents=[verbose], help="model architecture (config only)",
                        description="The model's architecture and KV cost per token, read from its metadata only.")
@@ -232,7 +246,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kv = engine.kv_cache
     mode = engine.config.cache.kv_cache
     unit = "slot" if mode == "contiguous" else "block"
-    dtype = str(engine.kv_spec.dtype).removeprefix("torch.")
+    dtype = engine.kv_spec.storage_name
     ttft = "n/a" if r.ttft_s is None else f"{r.ttft_s * 1e3:.1f} ms"
     decode = _fmt_rate(r.decode_tok_s)
     if r.decode_tok_s is not None:
@@ -351,9 +365,10 @@ def estimate(model: str, seq_len: int | None, batch: int, dtype: str = "float32"
     ``seq_len``); a paged pool is sized to hold the whole batch at ``seq_len``."""
     import torch
 
-    from kvserve.config import CacheConfig, SchedulerConfig, parse_bytes
+    from kvserve.config import KV_CACHE_QUANT_DTYPES, CacheConfig, SchedulerConfig, parse_bytes
     from kvserve.engine.llm_engine import plan_kv_pool, resolve_dtype
     from kvserve.kv.manager import cdiv
+    from kvserve.kv.quant import kv_quant
     from kvserve.kv.spec import KVSpec, dtype_bytes
 
     budget = parse_bytes(memory)
@@ -362,8 +377,10 @@ def estimate(model: str, seq_len: int | None, batch: int, dtype: str = "float32"
         seq_len = max_model_len or cfg.max_position_embeddings
     if seq_len < 1 or batch < 1:
         raise CLIError(f"--seq-len and --batch must be >= 1, got {seq_len} and {batch}")
-    kv_dtype = resolve_dtype(dtype if kv_cache_dtype == "auto" else kv_cache_dtype, torch.device("cpu"))
-    spec = KVSpec.from_model(cfg, kv_dtype)
+    cache_dtype = CacheConfig(kv_cache_dtype=kv_cache_dtype).kv_cache_dtype  # validated; "fp8" -> "fp8_e4m3"
+    quant = cache_dtype if cache_dtype in KV_CACHE_QUANT_DTYPES else None
+    kv_dtype = resolve_dtype(dtype if cache_dtype == "auto" or quant else cache_dtype, torch.device("cpu"))
+    spec = KVSpec.from_model(cfg, kv_dtype, quant)
     bpt = spec.bytes_per_token
     if kv_cache == "contiguous":
         cache = CacheConfig(kv_cache="contiguous", block_size=block_size)
@@ -380,8 +397,10 @@ def estimate(model: str, seq_len: int | None, batch: int, dtype: str = "float32"
         "num_layers": spec.num_layers,
         "num_kv_heads": spec.num_kv_heads,
         "head_dim": spec.head_dim,
-        "dtype": str(kv_dtype).removeprefix("torch."),  # of the KV cache
-        "dtype_bytes": dtype_bytes(spec.dtype),
+        "dtype": spec.storage_name,  # of the KV cache
+        # bytes per stored value (int4: 0.5), and per token and KV head of K (or V) for its scale
+        "dtype_bytes": dtype_bytes(kv_dtype) if quant is None else 1 / kv_quant(quant).values_per_byte,
+        "scale_bytes": 0 if quant is None else kv_quant(quant).scale_dtype.itemsize,
         "seq_len": seq_len,
         "batch": batch,
         "kv_cache": kv_cache,
@@ -409,15 +428,23 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(e, indent=2))
         return 0
-    L, H, D, nb = e["num_layers"], e["num_kv_heads"], e["head_dim"], e["dtype_bytes"]
+    L, H, D, nb, sb = e["num_layers"], e["num_kv_heads"], e["head_dim"], e["dtype_bytes"], e["scale_bytes"]
     S, B, bpt = e["seq_len"], e["batch"], e["bytes_per_token"]
     mem = format_bytes(e["memory_bytes"])
+    nb = f"{nb:g}"
+    if sb:  # quantized: each token's K (and V) row of each KV head carries one scale
+        formula = "2 (K and V) * layers * kv_heads * (head_dim * bytes + scale bytes) * seq * batch"
+        full, per = f"({D} * {nb} + {sb}) * {S} * {B}", f"({D} * {nb} + {sb})"
+    else:
+        formula = "2 (K and V) * layers * kv_heads * head_dim * seq * batch * bytes"
+        full, per = f"{D} * {S} * {B} * {nb}", f"{D} * {nb}"
     out = [
-        f"model {e['model']}: {L} layers, {H} KV heads, head_dim {D}, KV dtype {e['dtype']} ({nb} bytes)",
+        f"model {e['model']}: {L} layers, {H} KV heads, head_dim {D}, KV dtype {e['dtype']} ({nb} bytes per value"
+        + (f", one {sb}-byte scale per token and KV head)" if sb else ")"),
         "",
-        "KV cache, the formula: 2 (K and V) * layers * kv_heads * head_dim * seq * batch * bytes",
-        f"  2 * {L} * {H} * {D} * {S} * {B} * {nb} = {e['formula_bytes']:,} bytes = {format_bytes(e['formula_bytes'])}",
-        f"  per token: 2 * {L} * {H} * {D} * {nb} = {bpt:,} bytes = {format_bytes(bpt)}",
+        f"KV cache, the formula: {formula}",
+        f"  2 * {L} * {H} * {full} = {e['formula_bytes']:,} bytes = {format_bytes(e['formula_bytes'])}",
+        f"  per token: 2 * {L} * {H} * {per} = {bpt:,} bytes = {format_bytes(bpt)}",
         "",
     ]
     if e["kv_cache"] != "contiguous":
@@ -455,9 +482,37 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ppl(args: argparse.Namespace) -> int:
+    from kvserve.ppl import corpus_text, perplexity
+
+    if args.window < 2:
+        raise CLIError(f"--window must be >= 2, got {args.window}")
+    text = corpus_text() if args.file is None else open(args.file, encoding="utf-8").read()
+    if args.max_model_len is None:
+        args.max_model_len = args.window + 1  # the window and the one token each request generates
+    llm = _build_llm(args)
+    ids = llm.get_tokenizer().encode(text)
+    t0 = time.perf_counter()
+    r = perplexity(llm, ids, args.window, args.max_tokens)
+    seconds = time.perf_counter() - t0
+    spec = llm.engine.kv_spec
+    out = {**r.as_dict(), "model": args.model, "kv_cache_dtype": spec.storage_name,
+           "kv_bytes_per_token": spec.bytes_per_token, "window": args.window,
+           "max_num_batched_tokens": args.max_num_batched_tokens, "seconds": seconds,
+           "text": args.file or "pydoc_data.topics"}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"perplexity {r.perplexity:.4f} over {r.num_tokens:,} tokens ({r.num_windows} windows of up to "
+              f"{args.window}; KV cache {spec.storage_name}, {spec.bytes_per_token:,} bytes per token; "
+              f"{seconds:.1f} s)")
+    return 0
+
+
 def model_info(model: str) -> dict:
     import torch
 
+    from kvserve.config import KV_CACHE_QUANT_DTYPES
     from kvserve.kv.spec import KVSpec
 
     cfg = _load_config(model)
@@ -477,6 +532,11 @@ def model_info(model: str) -> dict:
         "num_params": cfg.num_params(),
         "kv_bytes_per_token_fp32": KVSpec.from_model(cfg, torch.float32).bytes_per_token,
         "kv_bytes_per_token_bf16": KVSpec.from_model(cfg, torch.bfloat16).bytes_per_token,
+        # every --kv-cache-dtype: 16/32-bit values, or quantized codes + their scales
+        "kv_bytes_per_token": {
+            name: KVSpec.from_model(cfg, dt, q).bytes_per_token
+            for name, dt, q in [("float32", torch.float32, None), ("bfloat16", torch.bfloat16, None)]
+            + [(q, torch.bfloat16, q) for q in KV_CACHE_QUANT_DTYPES]},
     }
 
 
@@ -503,8 +563,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("tied embeddings", "yes" if i["tie_word_embeddings"] else "no"),
         ("parameters", f"{n / 1e6:.1f}M ({n:,})"),
     ]
-    for label, key in (("fp32", "kv_bytes_per_token_fp32"), ("bf16", "kv_bytes_per_token_bf16")):
-        b = i[key]
+    for label, b in i["kv_bytes_per_token"].items():
         rows.append((f"KV per token {label}", f"{b:,} bytes = {format_bytes(b)} "
                                               f"({format_bytes(b * ctx)} for one {ctx}-token sequence)"))
     width = max(len(r[0]) for r in rows)

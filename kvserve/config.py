@@ -47,8 +47,10 @@ def _enum(cls: type[enum.Enum], name: str, value):
 KV_CACHE_MODES = tuple(m.value for m in KVCacheMode)
 PREEMPTION_MODES = tuple(m.value for m in PreemptionMode)
 # What ``kv_cache_dtype`` accepts. "auto" is the model's dtype; a 16/32-bit name must equal the model's
-# dtype (the cache stores K/V as the model computes them). Quantized names join when quantized KV lands.
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# dtype (the cache stores K/V as the model computes them). The quantized formats (``kv/quant.py``) store
+# codes plus one float16 scale per token and KV head; "fp8" is vLLM's name for fp8_e4m3.
+KV_CACHE_QUANT_DTYPES = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", *KV_CACHE_QUANT_DTYPES, "fp8")
 
 
 @dataclass
@@ -131,6 +133,8 @@ class CacheConfig:
             self.kv_cache_dtype = "auto"
         elif self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        elif self.kv_cache_dtype == "fp8":
+            self.kv_cache_dtype = "fp8_e4m3"
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:

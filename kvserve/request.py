@@ -31,6 +31,8 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    # prompt_logprobs: entry i for prompt token i (None for token 0, which nothing predicts)
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=lambda: [None])
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first scheduling
     block_ids: list[int] = field(default_factory=list)
@@ -87,3 +89,5 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # SamplingParams.prompt_logprobs: per prompt token, {its id: logprob, top-k ids: logprobs}; None first
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -10,7 +10,10 @@ class SamplingParams:
 
     ``temperature=0`` is greedy. ``seed`` gives a request its own random stream, so its tokens do not
     depend on what else runs in the batch. ``logprobs=k`` returns the k most likely tokens at each
-    step (and the sampled one). Stop strings are cut from the text, as in vLLM.
+    step (and the sampled one). ``prompt_logprobs=k`` returns, for each prompt token after the first,
+    its log-probability given the tokens before it (and the k most likely tokens there): what
+    perplexity and log-likelihood evaluations need. Such a request computes its whole prompt (the
+    prefix cache holds K/V, not logits), as vLLM does. Stop strings are cut from the text, as in vLLM.
     """
 
     n: int = 1
@@ -28,6 +31,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -58,6 +62,8 @@ class SamplingParams:
             raise bad("min_tokens", f"must be at most max_tokens ({self.max_tokens})")
         if self.logprobs is not None and self.logprobs < 0:
             raise bad("logprobs", "must be non-negative")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise bad("prompt_logprobs", "must be non-negative")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]

@@ -17,6 +17,7 @@ class ScheduledSeq:
     start: int  # position of the first of them = tokens already in the cache
     block_tables: list[list[int]]  # per KV cache group: the request's blocks, in token order
     sample: bool  # the step reaches the end of the known tokens, so a token is sampled
+    all_logits: bool = False  # every row gives logits, not only a sampling last one (prompt_logprobs)
 
     @property
     def num_new_tokens(self) -> int:

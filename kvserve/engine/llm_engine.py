@@ -10,7 +10,7 @@ import torch
 
 from kvserve import prompts
 from kvserve.attn import select_backend
-from kvserve.config import CacheConfig, KVCacheMode, ModelConfig, SchedulerConfig
+from kvserve.config import KV_CACHE_QUANT_DTYPES, CacheConfig, KVCacheMode, ModelConfig, SchedulerConfig
 from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.sampler import Sampler
 from kvserve.engine.scheduler import Scheduler
@@ -49,18 +49,21 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return table[dtype]
 
 
-def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The KV cache's storage dtype. Until quantized KV lands, it is the model's: the cache stores K/V
-    as the model computes them, and a cast on every write would only lose precision or memory."""
+def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> str | None:
+    """The KV cache's storage format: None (K/V stored in the model dtype) or a quantized format name.
+    A 16/32-bit name must be the model's dtype: the cache stores K/V as the model computes them, and a
+    cast on every write would only lose precision or memory."""
     if kv_cache_dtype == "auto":
-        return model_dtype
+        return None
+    if kv_cache_dtype in KV_CACHE_QUANT_DTYPES:
+        return kv_cache_dtype
     dtype = resolve_dtype(kv_cache_dtype, torch.device("cpu"))
     if dtype != model_dtype:
         raise ValueError(
             f"kv_cache_dtype={kv_cache_dtype!r} differs from the model dtype "
-            f"{str(model_dtype).removeprefix('torch.')}: the KV cache stores K/V in the model dtype "
-            "(use 'auto', or set dtype to match)")
-    return dtype
+            f"{str(model_dtype).removeprefix('torch.')}: a 16/32-bit KV cache stores K/V in the model dtype "
+            f"(use 'auto', set dtype to match, or pick a quantized format: {', '.join(KV_CACHE_QUANT_DTYPES)})")
+    return None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -131,7 +134,7 @@ class LLMEngine:
         self.scheduler_config = sched
         self.model = Decoder(cfg, weights, self.dtype, self.device, config.quantization, max_positions=max_len)
         del weights
-        self.kv_spec = KVSpec.from_model(cfg, resolve_kv_dtype(cache.kv_cache_dtype, self.dtype))
+        self.kv_spec = KVSpec.from_model(cfg, self.dtype, resolve_kv_dtype(cache.kv_cache_dtype, self.dtype))
         num_blocks, block_size = plan_kv_pool(self.kv_spec, cache, sched)
         self.kv_cache = KVCache(self.kv_spec, num_blocks, block_size, self.device)
         self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size, bool(cache.enable_prefix_caching),
@@ -153,7 +156,7 @@ class LLMEngine:
         log.info(
             "KV cache: %s, %d blocks x %d tokens = %d tokens, %s (%s), %s per token, attention: %s",
             cache.kv_cache.value, num_blocks - 1, block_size, (num_blocks - 1) * block_size,
-            format_bytes(self.kv_cache.nbytes), str(self.kv_spec.dtype).removeprefix("torch."),
+            format_bytes(self.kv_cache.nbytes), self.kv_spec.storage_name,
             format_bytes(self.kv_spec.bytes_per_token), self.attn_backend.name,
         )
 
@@ -228,8 +231,20 @@ class LLMEngine:
             if self.scheduler.has_unfinished() and not self.scheduler.running:
                 self._fail_unschedulable()
             return []
-        sampling = [self.scheduler.requests[s.request_id] for s in out.seqs if s.sample]
         logits = self.runner.execute(out)
+        sampling, rows, r = [], [], 0  # the requests that sample, and their logits rows
+        for s in out.seqs:
+            req = self.scheduler.requests[s.request_id]
+            if s.all_logits:
+                self._score_prompt(req, s.start, logits[r : r + s.num_new_tokens])
+                r += s.num_new_tokens
+            elif s.sample:
+                r += 1
+            if s.sample:
+                sampling.append(req)
+                rows.append(r - 1)
+        if sampling and r != len(rows):
+            logits = logits[rows]
         results = self.sampler(logits, sampling) if sampling else []
         self.scheduler.after_step(out)
         self.stats["steps"] += 1
@@ -245,6 +260,24 @@ class LLMEngine:
             self._check_stop(req)
             touched[req.parent_id] = None
         return [self._output(pid) for pid in touched]
+
+    def _score_prompt(self, req: Request, start: int, logits: torch.Tensor) -> None:
+        """prompt_logprobs: row i of ``logits`` (position start + i) predicts prompt token start + i + 1."""
+        prompt, k = req.prompt_token_ids, req.params.prompt_logprobs
+        first = max(0, len(req.prompt_logprobs) - 1 - start)  # rows already scored (a recomputed request)
+        last = min(logits.shape[0], len(prompt) - 1 - start)
+        if last <= first:
+            return
+        lp = torch.log_softmax(logits[first:last].float(), dim=-1)
+        targets = torch.tensor(prompt[start + first + 1 : start + last + 1], device=lp.device)
+        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+        top = torch.topk(lp, k) if k else None
+        for i, (t, v) in enumerate(zip(targets.tolist(), chosen)):
+            entry = {t: v}
+            if top is not None:
+                entry.update(zip(top.indices[i].tolist(), top.values[i].tolist()))
+                entry[t] = v
+            req.prompt_logprobs.append(entry)
 
     def _fail_unschedulable(self) -> None:
         # Only reachable when a single request can never fit the pool; fail it rather than spin.
@@ -294,7 +327,8 @@ class LLMEngine:
                 self.requests.pop(c.request_id, None)
             self.parents.pop(parent_id, None)
         return RequestOutput(parent_id, first.prompt, first.prompt_token_ids, outs, finished,
-                             max(first.num_cached_tokens, 0), metrics)
+                             max(first.num_cached_tokens, 0), metrics,
+                             list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None)
 
     @staticmethod
     def _stable_text(req: Request) -> str:
@@ -313,6 +347,8 @@ class LLMEngine:
         return {
             "kv_cache": self.config.cache.kv_cache.value,
             "block_size": self.kv_cache.block_size,
+            "kv_cache_dtype": self.kv_spec.storage_name,  # "bfloat16", or a quantized format: "int8", ...
+            "kv_bytes_per_token": self.kv_spec.bytes_per_token,  # scales included
             "blocks_total": u.blocks_total,
             "blocks_free": u.blocks_free,
             "blocks_used": u.blocks_used,

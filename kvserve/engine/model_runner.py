@@ -29,7 +29,9 @@ class ModelRunner:
             ids.append(np.asarray(s.token_ids, dtype=np.int64))
             pos.append(np.arange(s.start, s.start + n))
             spans.append(SeqSpan(s.start, n, [np.asarray(b, dtype=np.int64) for b in s.block_tables]))
-            if s.sample:
+            if s.all_logits:
+                logits_idx.extend(range(t, t + n))
+            elif s.sample:
                 logits_idx.append(t + n - 1)
             t += n
         as_tensor = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long).to(device)  # noqa: E731
@@ -41,10 +43,11 @@ class ModelRunner:
         )
 
     def execute(self, out: SchedulerOutput) -> torch.Tensor | None:
-        """Run one step; the fp32 logits [S, vocab] of the scheduled requests that sample, in order
-        (None when none does: every request ran a prompt chunk short of its end)."""
+        """Run one step; the fp32 logits [R, vocab]: in step order, all rows of a sequence with
+        ``all_logits``, else the last row of one that samples (None when no row has logits: every
+        request ran a prompt chunk short of its end)."""
         batch = self.prepare(out)
         hidden = self.model.forward(batch, self.attn)
-        if not any(s.sample for s in out.seqs):
+        if not any(s.sample or s.all_logits for s in out.seqs):
             return None
         return self.model.compute_logits(hidden)

@@ -20,7 +20,7 @@ from collections import deque
 
 from kvserve.config import CacheConfig, KVCacheMode, PreemptionMode, SchedulerConfig
 from kvserve.engine.batch import ScheduledSeq, SchedulerOutput
-from kvserve.kv.manager import KVCacheManager
+from kvserve.kv.manager import KVCacheManager, PrefixHit
 from kvserve.request import Request, RequestStatus
 
 
@@ -101,7 +101,7 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
-            hit = self.kv.get_computed_blocks(req)
+            hit = PrefixHit() if req.params.prompt_logprobs is not None else self.kv.get_computed_blocks(req)
             n = req.num_tokens - hit.num_tokens
             if n > budget and not self.cfg.enable_chunked_prefill:
                 break
@@ -121,7 +121,10 @@ class Scheduler:
     def _plan(self, req: Request, n: int) -> ScheduledSeq:
         c = req.num_computed_tokens
         tables = [list(t) for t in self.kv.block_tables(req.request_id)]
-        return ScheduledSeq(req.request_id, req.all_token_ids[c : c + n], c, tables, c + n == req.num_tokens)
+        # prompt_logprobs: the logits of prompt positions not yet scored (a recomputed request skips them)
+        all_logits = req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < req.num_prompt_tokens
+        return ScheduledSeq(req.request_id, req.all_token_ids[c : c + n], c, tables, c + n == req.num_tokens,
+                            all_logits)
 
     def after_step(self, out: SchedulerOutput) -> None:
         """Advance each scheduled request past the tokens it just computed."""

@@ -77,7 +77,7 @@ class KVCacheManager:
         self.prefix_hits = 0  # of those, tokens found
         # swap preemption: request id -> (CPU copies of K, V, blocks per group)
         self.swap_space = swap_space
-        self._swapped: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._swapped: dict[str, tuple[list[torch.Tensor], int]] = {}  # id -> (CPU copies, blocks per group)
         self.swap_bytes_used = 0
         self.num_swapped_blocks = 0  # blocks currently held in the CPU pool
 
@@ -220,8 +220,7 @@ class KVCacheManager:
         nbytes = len(ids) * self.storage.spec.block_bytes(self.block_size)
         if self.swap_bytes_used + nbytes > self.swap_space:
             return False
-        k, v = self.storage.copy_out(ids)
-        self._swapped[request.request_id] = (k, v, len(kv.tables[0]))
+        self._swapped[request.request_id] = (self.storage.copy_out(ids), len(kv.tables[0]))
         self.swap_bytes_used += nbytes
         self.num_swapped_blocks += len(ids)
         self.free(request)
@@ -230,11 +229,11 @@ class KVCacheManager:
     def swap_in(self, request: Request) -> bool:
         """Bring a swapped-out request's blocks back (evicting from the prefix tree if need be, like
         any allocation); False when the pool cannot hold them yet."""
-        k, v, per = self._swapped[request.request_id]
+        data, per = self._swapped[request.request_id]
         new = self._take(per * self.num_groups)
         if new is None:
             return False
-        self.storage.copy_in(new, k, v)
+        self.storage.copy_in(new, data)
         kv = self._kv(request.request_id)
         kv.tables = [new[g * per : (g + 1) * per] for g in range(self.num_groups)]
         self.drop_swap(request)
@@ -247,7 +246,7 @@ class KVCacheManager:
         """Forget a request's CPU copy (it came back, or finished while swapped out)."""
         entry = self._swapped.pop(request.request_id, None)
         if entry is not None:
-            n = entry[2] * self.num_groups
+            n = entry[1] * self.num_groups
             self.swap_bytes_used -= n * self.storage.spec.block_bytes(self.block_size)
             self.num_swapped_blocks -= n
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.config import ModelConfig
+from kvserve.kv.quant import kv_quant
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
@@ -39,20 +40,28 @@ class LayerKVSpec:
 
     num_kv_heads: int  # on this rank
     head_dim: int
-    dtype: torch.dtype  # storage dtype of K and V
+    dtype: torch.dtype  # K and V as the model computes and reads them (the storage dtype unless quantized)
     attention: AttentionType = AttentionType.FULL
     window: int | None = None  # sliding layers: tokens kept behind the current one
     num_sinks: int = 0  # first tokens a sliding layer keeps too (StreamingLLM's attention sinks)
-    scales: str | None = None  # layout of quantization scales beside the values; None = unquantized
+    # Storage format (``kv.quant``): "int8" | "int4" | "fp8_e4m3" | "fp8_e5m2" codes with one float16
+    # scale per token and KV head beside them; None: stored as ``dtype``.
+    quant: str | None = None
 
     def __post_init__(self) -> None:
         if (self.attention == AttentionType.SLIDING) != (self.window is not None):
             raise ValueError("a sliding layer needs a window, and only a sliding layer has one")
 
     @property
+    def storage_dtype(self) -> torch.dtype:
+        return self.dtype if self.quant is None else kv_quant(self.quant).code_dtype
+
+    @property
     def bytes_per_token(self) -> int:
-        """K and V of one token in this layer."""
-        return 2 * self.num_kv_heads * self.head_dim * dtype_bytes(self.dtype)
+        """K and V of one token in this layer, scales included."""
+        if self.quant is None:
+            return 2 * self.num_kv_heads * self.head_dim * dtype_bytes(self.dtype)
+        return 2 * self.num_kv_heads * kv_quant(self.quant).bytes_per_value_and_scale(self.head_dim)
 
 
 @dataclass(frozen=True)
@@ -73,14 +82,14 @@ class KVSpec:
         sizes = {len(g.layers) for g in self.groups}
         if len(sizes) != 1:
             raise ValueError(f"KV cache groups must hold equally many layers, got {sorted(sizes)}")
-        shapes = {(g.spec.num_kv_heads, g.spec.head_dim, g.spec.dtype) for g in self.groups}
+        shapes = {(g.spec.num_kv_heads, g.spec.head_dim, g.spec.dtype, g.spec.quant) for g in self.groups}
         if len(shapes) != 1:
-            raise ValueError("KV cache groups must share one per-layer shape (heads, head_dim, dtype)")
+            raise ValueError("KV cache groups must share one per-layer shape (heads, head_dim, dtype, quant)")
 
     @classmethod
-    def from_model(cls, cfg: ModelConfig, dtype: torch.dtype) -> "KVSpec":
+    def from_model(cls, cfg: ModelConfig, dtype: torch.dtype, quant: str | None = None) -> "KVSpec":
         """Every layer attends to every earlier token: one group of all layers."""
-        layer = LayerKVSpec(cfg.num_kv_heads, cfg.head_dim, dtype)
+        layer = LayerKVSpec(cfg.num_kv_heads, cfg.head_dim, dtype, quant=quant)
         return cls((KVCacheGroup(layer, tuple(range(cfg.num_layers))),))
 
     # -- what the groups share (one per-layer shape, equally many layers) -------------------------
@@ -99,6 +108,19 @@ class KVSpec:
     @property
     def dtype(self) -> torch.dtype:
         return self.layer.dtype
+
+    @property
+    def quant(self) -> str | None:
+        return self.layer.quant
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return self.layer.storage_dtype
+
+    @property
+    def storage_name(self) -> str:
+        """What a user calls the storage format: "int8", "fp8_e4m3", "bfloat16", ..."""
+        return self.quant or str(self.dtype).removeprefix("torch.")
 
     @property
     def layers_per_group(self) -> int:

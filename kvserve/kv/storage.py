@@ -12,6 +12,12 @@ A paged cache has many small blocks; the contiguous cache is the same tensor wit
 KV cache groups (``kv.spec``) share these tensors: layer ``l`` of group ``g`` lives in ``k[j]``, j its
 index inside the group. A block id belongs to one group at a time (the pool hands each id out once),
 so the groups never write over each other, and one block id costs the same bytes in every group.
+
+A quantized cache (``spec.quant``: int8, int4, fp8; ``kv.quant``) stores codes in ``k``/``v`` and one
+float16 scale per token and KV head in ``k_scale``/``v_scale`` ``[layers, slots, kv_heads]``: the same
+slot order, so everything that moves slots (copy-on-write, swap, zeroing) moves codes and scales alike.
+``write`` quantizes, ``read`` dequantizes into the model dtype; the C++ decode kernel reads the codes in
+place (``blocks``).
 """
 from __future__ import annotations
 
@@ -19,7 +25,13 @@ import numpy as np
 import torch
 
 from kvserve import hugepages
+from kvserve.kv.quant import dequantize, kv_quant, quantize, rotation
 from kvserve.kv.spec import KVSpec
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """fp8 codes as bytes: CPU index_copy_ / index_select have no float8 kernels (a view, no copy)."""
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
 class KVCache:
@@ -28,15 +40,28 @@ class KVCache:
     def __init__(self, spec: KVSpec, num_blocks: int, block_size: int, device: torch.device | str = "cpu"):
         self.spec, self.num_blocks, self.block_size = spec, num_blocks, block_size
         self.layer_index = [j for _, j in spec.group_of()]  # layer -> its tensor index k[j], v[j]
-        shape = (spec.layers_per_group, num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
+        self.quant = None if spec.quant is None else kv_quant(spec.quant)
+        slots = (spec.layers_per_group, num_blocks * block_size, spec.num_kv_heads)
+        dim = spec.head_dim if self.quant is None else self.quant.packed_dim(spec.head_dim)
         # empty, not zeros: untouched pages cost no RAM, so a large contiguous reservation is cheap
         # until used. But reads cover whole blocks, and masked positions past a request's length
         # must hold finite values (a zero attention weight times NaN is still NaN): each block is
         # zeroed the first time it is allocated (``zero_new``, called by the manager); after that it
         # holds stale but finite K/V. Block 0, the null block that pads block tables, is zeroed now.
         # On the CPU, on 2 MiB pages: decode reads scattered blocks, and 4 KiB pages make each one a TLB miss.
-        self.k = hugepages.empty(shape, spec.dtype, device)
-        self.v = hugepages.empty(shape, spec.dtype, device)
+        self.k = hugepages.empty((*slots, dim), spec.storage_dtype, device)
+        self.v = hugepages.empty((*slots, dim), spec.storage_dtype, device)
+        self.k_scale = self.v_scale = None
+        # int4 stores K and V rotated (``kv.quant.rotation``): ``write`` rotates, ``read`` turns back, and
+        # the decode kernel's caller rotates q and turns the output back
+        self.rotation = None
+        if self.quant is not None and (r := rotation(self.quant, spec.head_dim)) is not None:
+            self.rotation = r.to(device, spec.dtype)
+        if self.quant is not None:
+            self.k_scale = hugepages.empty(slots, self.quant.scale_dtype, device)
+            self.v_scale = hugepages.empty(slots, self.quant.scale_dtype, device)
+        # every tensor indexed [layer, slot, ...]: what moves a slot moves all of them
+        self.tensors = [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
         self._zeroed = np.zeros(num_blocks, dtype=bool)
         self.zero_new([0])
 
@@ -46,8 +71,8 @@ class KVCache:
         fresh = ids[~self._zeroed[ids]]
         if fresh.size:
             for b in fresh.tolist():
-                self.k[:, b * self.block_size : (b + 1) * self.block_size].zero_()
-                self.v[:, b * self.block_size : (b + 1) * self.block_size].zero_()
+                for t in self.tensors:
+                    t[:, b * self.block_size : (b + 1) * self.block_size].zero_()
             self._zeroed[fresh] = True
 
     @property
@@ -56,15 +81,21 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(t.nbytes for t in self.tensors)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store the new tokens' K/V ``[T, kv_heads, head_dim]`` at their slots ``[T]``."""
         if k.device != self.device:
             raise RuntimeError(f"KV write: tensors on {k.device} but the cache is on {self.device}")
         j = self.layer_index[layer]
-        self.k[j].index_copy_(0, slot_mapping, k)
-        self.v[j].index_copy_(0, slot_mapping, v)
+        if self.quant is None:
+            self.k[j].index_copy_(0, slot_mapping, k)
+            self.v[j].index_copy_(0, slot_mapping, v)
+            return
+        for x, codes, scales in ((k, self.k[j], self.k_scale[j]), (v, self.v[j], self.v_scale[j])):
+            c, sc = quantize(x if self.rotation is None else x @ self.rotation, self.quant)
+            _raw(codes).index_copy_(0, slot_mapping, _raw(c))
+            scales.index_copy_(0, slot_mapping, sc)
 
     def read(self, layer: int, where: slice | tuple[torch.Tensor, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the cached tokens of some requests.
@@ -74,29 +105,41 @@ class KVCache:
         width = n * block_size, or less when each request has one (large) block. Positions past a
         request's length hold finite stale values; the caller masks them."""
         j = self.layer_index[layer]
-        if isinstance(where, slice):
-            return self.k[j, where], self.v[j, where]
-        table, width = where
-        B, n = table.shape
-        blocks = table.reshape(-1)
-        per_block = min(self.block_size, width)
-        out = []
-        for cache in (self.k[j], self.v[j]):
-            view = cache.view(self.num_blocks, self.block_size, *cache.shape[1:])[:, :per_block]
-            out.append(view.index_select(0, blocks).view(B, n * per_block, *cache.shape[1:])[:, :width])
+        if self.quant is None:
+            return self._select(self.k[j], where), self._select(self.v[j], where)
+        # quantized: gather the codes and scales, dequantize the copy (prefill chunks, SDPA, CUDA)
+        out = [dequantize(self._select(c, where), self._select(sc, where), self.spec.dtype)
+               for c, sc in ((self.k[j], self.k_scale[j]), (self.v[j], self.v_scale[j]))]
+        if self.rotation is not None:  # stored rotated: turn back (the rotation is its own inverse)
+            out = [x @ self.rotation for x in out]
         return out[0], out[1]
 
+    def _select(self, cache: torch.Tensor, where: slice | tuple[torch.Tensor, int]) -> torch.Tensor:
+        """``cache`` ``[slots, ...]`` at ``where`` (see ``read``)."""
+        if isinstance(where, slice):
+            return cache[where]
+        table, width = where
+        B, n = table.shape
+        per_block = min(self.block_size, width)
+        view = _raw(cache).view(self.num_blocks, self.block_size, *cache.shape[1:])[:, :per_block]
+        out = view.index_select(0, table.reshape(-1)).view(B, n * per_block, *cache.shape[1:])[:, :width]
+        return out.view(cache.dtype)
+
     def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's K and V pools as ``[num_blocks, block_size, kv_heads, head_dim]`` views."""
-        shape = (self.num_blocks, self.block_size, *self.k.shape[2:])
+        """One layer's K and V pools (codes, if quantized) as ``[num_blocks, block_size, kv_heads, dim]`` views."""
         j = self.layer_index[layer]
-        return self.k[j].view(shape), self.v[j].view(shape)
+        return tuple(t[j].view(self.num_blocks, self.block_size, *t.shape[2:]) for t in (self.k, self.v))
+
+    def scale_blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A quantized cache's K and V scales of one layer as ``[num_blocks, block_size, kv_heads]`` views."""
+        j = self.layer_index[layer]
+        return tuple(t[j].view(self.num_blocks, self.block_size, -1) for t in (self.k_scale, self.v_scale))
 
     def copy_block(self, src: int, dst: int) -> None:
-        """Copy block ``src``'s K/V, every layer, into block ``dst`` (copy-on-write of a shared block)."""
+        """Copy block ``src``'s K/V (and scales), every layer, into block ``dst`` (copy-on-write of a shared block)."""
         bs = self.block_size
-        self.k[:, dst * bs : (dst + 1) * bs] = self.k[:, src * bs : (src + 1) * bs]
-        self.v[:, dst * bs : (dst + 1) * bs] = self.v[:, src * bs : (src + 1) * bs]
+        for t in self.tensors:
+            t[:, dst * bs : (dst + 1) * bs] = t[:, src * bs : (src + 1) * bs]
         self._zeroed[dst] = True  # holds data now: ``zero_new`` must not zero it
 
     # -- moving whole blocks (swap preemption) --------------------------------------------------
@@ -104,12 +147,13 @@ class KVCache:
         ids = torch.tensor(block_ids, dtype=torch.long)
         return (ids[:, None] * self.block_size + torch.arange(self.block_size)).flatten().to(self.device)
 
-    def copy_out(self, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def copy_out(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """CPU copies of the blocks' K/V (and scales), to give to ``copy_in`` later."""
         slots = self.block_slots(block_ids)
-        return self.k[:, slots].to("cpu"), self.v[:, slots].to("cpu")
+        return [t[:, slots].to("cpu") for t in self.tensors]
 
-    def copy_in(self, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+    def copy_in(self, block_ids: list[int], data: list[torch.Tensor]) -> None:
         slots = self.block_slots(block_ids)
-        self.k[:, slots] = k.to(self.device)
-        self.v[:, slots] = v.to(self.device)
+        for t, d in zip(self.tensors, data, strict=True):
+            t[:, slots] = d.to(self.device)
         self._zeroed[block_ids] = True

@@ -294,11 +294,16 @@ class OpenAIServing:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of is only supported equal to n", param="best_of")
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
+        # echo + logprobs: the prompt's own token logprobs too (what evaluation harnesses ask for)
+        score_prompt = req.echo and req.logprobs is not None
+        if score_prompt and req.stream:
+            raise APIError(400, "echo with logprobs is supported without stream only", param="echo")
         prompts = self._completion_prompts(req)
         params = [self._params(req, self._max_tokens(req.max_tokens, len(p.ids), DEFAULT_COMPLETION_MAX_TOKENS),
                                req.logprobs) for p in prompts]
+        if score_prompt:
+            for sp in params:
+                sp.prompt_logprobs = req.logprobs
         job = _Job(f"cmpl-{uuid.uuid4().hex}", prompts, params)
         await self._start(job)
         if req.stream:
@@ -310,7 +315,11 @@ class OpenAIServing:
         for p, out in zip(prompts, finals):
             prefix = self._echo(p) if req.echo else ""
             for c in out.outputs:
-                lp = self._completion_logprobs(c, 0, len(c.token_ids), 0) if req.logprobs is not None else None
+                lp = None
+                if req.logprobs is not None:
+                    lp = self._completion_logprobs(c, 0, len(c.token_ids), len(prefix))
+                    if score_prompt:
+                        lp = self._prompt_logprobs(out, lp)
                 choices.append(CompletionChoice(index=len(choices), text=prefix + c.text, logprobs=lp,
                                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason))
         resp = CompletionResponse(id=job.id, model=self.model_name, choices=choices, usage=_usage(finals))
@@ -318,6 +327,20 @@ class OpenAIServing:
 
     def _echo(self, p: _Prompt) -> str:
         return p.text if p.text is not None else self.tokenizer.decode(p.ids)
+
+    def _prompt_logprobs(self, out: RequestOutput, then: CompletionLogprobs) -> CompletionLogprobs:
+        """The prompt tokens' logprobs (None for the first, which nothing predicts), then ``then``'s."""
+        lp, offset = CompletionLogprobs(), 0
+        for tid, d in zip(out.prompt_token_ids, out.prompt_logprobs or []):
+            tok = self._token(tid)
+            lp.tokens.append(tok)
+            lp.token_logprobs.append(None if d is None else _finite(d.get(tid, -9999.0)))
+            lp.top_logprobs.append(None if d is None else {self._token(k): _finite(v) for k, v in d.items()})
+            lp.text_offset.append(offset)
+            offset += len(tok)
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(lp, name).extend(getattr(then, name))
+        return lp
 
     def _completion_logprobs(self, c: CompletionOutput, start: int, end: int, offset: int) -> CompletionLogprobs:
         lp = CompletionLogprobs()

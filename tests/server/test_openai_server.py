@@ -111,6 +111,28 @@ def test_usage_reports_prefix_cache_hits(server):
     assert cached == second.prompt_tokens - 1, cached
 
 
+def test_echo_with_logprobs_scores_the_prompt(server, llm_paged):
+    """echo + logprobs (evaluation harnesses' log-likelihood call): the prompt's tokens with their
+    logprobs (None for the first), then the completion's; equal to the offline prompt_logprobs."""
+    prompt = PROMPTS[2]
+    resp = _client(server).completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+                                              echo=True, logprobs=2)
+    ref = llm_paged.generate(prompt, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2))[0]
+    lp = resp.choices[0].logprobs
+    n = len(ref.prompt_token_ids)
+    assert resp.choices[0].text.startswith(prompt)
+    assert len(lp.tokens) == len(lp.token_logprobs) == n + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for got, entry, tid in zip(lp.token_logprobs[1:n], ref.prompt_logprobs[1:], ref.prompt_token_ids[1:]):
+        assert got == pytest.approx(entry[tid], abs=1e-4)
+    assert all(2 <= len(t) <= 3 for t in lp.top_logprobs[1:])
+    assert "".join(lp.tokens[:n]) == prompt
+    assert lp.text_offset == sorted(lp.text_offset)
+    r = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                   json={"model": MODEL, "prompt": prompt, "echo": True, "logprobs": 1, "stream": True})
+    assert r.status_code == 400 and _error(r)["param"] == "echo"
+
+
 def test_chat_greedy_equal_offline_async(server, offline):
     _, chat = offline
     messages = [{"role": "system", "content": "You are a concise assistant."},

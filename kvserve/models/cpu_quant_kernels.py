@@ -1,0 +1,485 @@
+"""Decode attention read straight from a *quantized* paged KV pool (CPU, C++), dequantizing in registers.
+
+The same computation as ``cpu_kernels.paged_decode`` (one query token per request, online softmax one
+block of keys at a time, following the block table), over the formats of ``kvserve.kv.quant``:
+
+    codes  [num_blocks, block_size, Hkv, Dc]  int8 | uint8 (int4, two per byte) | float8_e4m3fn | float8_e5m2
+    scales [num_blocks, block_size, Hkv]      float16, one per token and KV head
+
+    s_t  = (q_g . code(k_t)) * k_scale_t * softmax_scale
+    acc += e^(s_t - m) * v_scale_t * code(v_t)         (the V scale rides on the softmax weight)
+
+No dequantized copy is ever made: each 16-value chunk of a row becomes two 8-float vectors in registers
+and is used for all G query heads of the group at once. The per-format decoding:
+
+    int8   sign-extend, convert                                    (exact)
+    int4   byte & 15, byte >> 4, minus 8, convert: the low nibbles are the even elements and the high
+           nibbles the odd ones, so the kernel works on head rows permuted to [evens | odds] per 16
+           values: q is permuted once when it is loaded, the output un-permuted when it is stored
+    e5m2   the top byte of a float16: shift left by 8, then the float16 -> float32 instruction (F16C)
+    e4m3   sign | exponent | mantissa shifted into float16's fields: a float16 worth value * 2^-8
+           (its exponent bias is 15, e4m3's 7; subnormals land on float16 subnormals, exact); the
+           2^8 is folded into the token's scale
+
+Kept from the unquantized kernel (see its docstring for the measurements behind each): G as a template
+constant, each block's rows (and scales) loaded in one tight loop before its arithmetic, the next
+block's rows prefetched a token at a time, cost-balanced work per thread, the polynomial exp, GCC vector
+types (AVX2 or AVX-512 under -march=native, no ISA-specific intrinsics except F16C, guarded). New here:
+a request's blocks may be cut into pieces when there are too few (request, head) items for the
+threads (batch 1, MQA: one item would leave every other core idle); each piece keeps its own
+(m, l, acc), merged after the parallel loop as in flash-decoding.
+
+Its own ``load_inline`` extension ("kvserve_quant_kv_<cpu>"), so that editing it does not rebuild
+``cpu_kernels``; the build flags are those of ``cpu_kernels._load`` (copied, not shared: that function
+builds its own source). KVSERVE_CPU_KERNELS=0 turns it off too.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from kvserve.kv.quant import dequantize, kv_quant
+
+log = logging.getLogger("kvserve")
+
+KINDS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")  # the C++ side numbers them in this order
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef int16_t i16x8 __attribute__((vector_size(16)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef int8_t i8x8 __attribute__((vector_size(8)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+
+static inline v8 loadf8(const float* p) { v8 r; std::memcpy(&r, p, sizeof(r)); return r; }
+static inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+static inline float half_to_f(uint16_t h) {
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
+}
+static inline v8 half8(u16x8 h) {  // eight float16 bit patterns -> floats
+#ifdef __F16C__
+  __m128i x; std::memcpy(&x, &h, 16);
+  const __m256 f = _mm256_cvtph_ps(x);
+  v8 r; std::memcpy(&r, &f, 32); return r;
+#else
+  v8 r; for (int i = 0; i < 8; ++i) r[i] = c10::detail::fp16_ieee_to_fp32_value(h[i]); return r;
+#endif
+}
+
+// exp(x) for x <= 0 in plain arithmetic the compiler can vectorize: cpu_kernels' (Cephes' expf, ~1 ulp).
+static inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float k = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// ---- the formats: 16 values of a head row -> two 8-float vectors (a, b) ----
+// BYTES: code bytes per 16 values. MUL: folded into each token's scale. PERM: a = the even elements and
+// b = the odd ones (int4's nibble order), else a = elements 0-7, b = 8-15.
+enum Kind { INT8 = 0, INT4 = 1, E4M3 = 2, E5M2 = 3 };
+template <int K> struct Codec;
+template <> struct Codec<INT8> {
+  static constexpr int BYTES = 16; static constexpr float MUL = 1.f; static constexpr bool PERM = false;
+  static inline void load(const uint8_t* p, v8& a, v8& b) {
+    i8x8 x, y; std::memcpy(&x, p, 8); std::memcpy(&y, p + 8, 8);
+    a = __builtin_convertvector(__builtin_convertvector(x, i32x8), v8);
+    b = __builtin_convertvector(__builtin_convertvector(y, i32x8), v8);
+  }
+};
+template <> struct Codec<INT4> {
+  static constexpr int BYTES = 8; static constexpr float MUL = 1.f; static constexpr bool PERM = true;
+  static inline void load(const uint8_t* p, v8& a, v8& b) {
+    u8x8 x; std::memcpy(&x, p, 8);
+    const i32x8 w = __builtin_convertvector(x, i32x8);
+    a = __builtin_convertvector((w & 15) - 8, v8);
+    b = __builtin_convertvector((w >> 4) - 8, v8);
+  }
+};
+template <> struct Codec<E4M3> {  // s eeee mmm -> float16 s 0eeee mmm0000000 = value * 2^-8
+  static constexpr int BYTES = 16; static constexpr float MUL = 256.f; static constexpr bool PERM = false;
+  static inline u16x8 bits(i8x8 x) {
+    const u16x8 s = (u16x8)__builtin_convertvector(x, i16x8);  // sign-extended: bits 8-15 = the sign
+    return (s << 7) & (uint16_t)0xBFFF;                           // keep bit 15 (sign), clear bit 14
+  }
+  static inline void load(const uint8_t* p, v8& a, v8& b) {
+    i8x8 x, y; std::memcpy(&x, p, 8); std::memcpy(&y, p + 8, 8);
+    a = half8(bits(x)); b = half8(bits(y));
+  }
+};
+template <> struct Codec<E5M2> {  // e5m2 is the top byte of a float16
+  static constexpr int BYTES = 16; static constexpr float MUL = 1.f; static constexpr bool PERM = false;
+  static inline void load(const uint8_t* p, v8& a, v8& b) {
+    u8x8 x, y; std::memcpy(&x, p, 8); std::memcpy(&y, p + 8, 8);
+    a = half8(__builtin_convertvector(x, u16x8) << 8); b = half8(__builtin_convertvector(y, u16x8) << 8);
+  }
+};
+
+// Where a head row's element e sits in the kernel's order (int4: [evens | odds] per 16 values).
+template <bool PERM> static inline int64_t pos(int64_t e) {
+  if (!PERM) return e;
+  const int64_t c = e & ~int64_t(15), i = e & 15;
+  return c + (i & 1) * 8 + (i >> 1);
+}
+
+static inline float to_f(float x) { return x; }
+static inline float to_f(c10::BFloat16 x) { uint32_t u = uint32_t(x.x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+static inline void store_f(float* p, float x) { *p = x; }
+static inline void store_f(c10::BFloat16* p, float x) {  // round to nearest even (finite values)
+  uint32_t u; std::memcpy(&u, &x, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  *p = c10::BFloat16(uint16_t(u >> 16), c10::BFloat16::from_bits());
+}
+
+struct Pool {  // one layer's quantized K and V, per block [bs, H, Dcb bytes] and scales [bs, H]
+  const uint8_t *kc, *vc;
+  const uint16_t *ks, *vs;  // float16 bits
+  int64_t H, D, bs, Dcb;    // Dcb: code bytes per head row
+};
+
+// One piece of work: request b, KV heads [h0, h1), its blocks [j0, j1) (tokens below len).
+struct Item { int64_t b, h0, h1, j0, j1, part; };  // part < 0: the whole request, write the output
+
+// Running state per (head, query head): m, l, and acc (D floats, in the kernel's element order).
+template <int G, int K>
+static void decode_piece(const float* q, const Pool& P, const int64_t* table, int64_t len, int64_t h0, int64_t h1,
+                         int64_t j0, int64_t j1, float* s, float* ksc, float* vsc, float* m, float* l, v8* acc) {
+  using C = Codec<K>;
+  const int64_t D = P.D, H = P.H, bs = P.bs, Dcb = P.Dcb, n16 = D / 16, nd = D / 8, nh = h1 - h0;
+  const int64_t rs = H * Dcb;  // bytes per token row (all heads)
+  for (int64_t x = 0; x < nh * G; ++x) {
+    m[x] = -INFINITY;
+    l[x] = 0.f;
+    for (int64_t i = 0; i < nd; ++i) acc[x * nd + i] = v8{};
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t n = std::min(bs, len - j * bs);
+    const uint8_t* kblk = P.kc + table[j] * bs * rs;
+    const uint8_t* vblk = P.vc + table[j] * bs * rs;
+    const uint16_t* ksb = P.ks + table[j] * bs * H;
+    const uint16_t* vsb = P.vs + table[j] * bs * H;
+    {  // the block's rows for heads [h0, h1), and its scales, loaded back to back: many misses in flight
+      unsigned sink = 0;
+      for (int64_t t = 0; t < n; ++t) {
+        const uintptr_t a = reinterpret_cast<uintptr_t>(kblk + t * rs + h0 * Dcb) & ~uintptr_t(63);
+        const uintptr_t e = reinterpret_cast<uintptr_t>(kblk + t * rs + h1 * Dcb);
+        const intptr_t dv = vblk - kblk;
+        for (uintptr_t c = a; c < e; c += 64)
+          sink += *reinterpret_cast<const uint8_t*>(c) + *reinterpret_cast<const uint8_t*>(c + dv);
+      }
+      for (int64_t c = 0; c < n * H * 2; c += 64)
+        sink += reinterpret_cast<const uint8_t*>(ksb)[c] + reinterpret_cast<const uint8_t*>(vsb)[c];
+      volatile unsigned keep = sink;  // keep the loads: their values are not needed, their effect is
+      (void)keep;
+    }
+    if (j + 1 < j1) {  // the next block's scales (its rows are asked for a token at a time below)
+      __builtin_prefetch(P.ks + table[j + 1] * bs * H);
+      __builtin_prefetch(P.vs + table[j + 1] * bs * H);
+    }
+    for (int64_t h = h0; h < h1; ++h) {
+      const uint8_t* kb = kblk + h * Dcb;  // token t of this block at kb + t * rs
+      const uint8_t* vb = vblk + h * Dcb;
+      const uint8_t* kn = j + 1 < j1 ? P.kc + table[j + 1] * bs * rs + h * Dcb : nullptr;
+      const uint8_t* vn = j + 1 < j1 ? P.vc + table[j + 1] * bs * rs + h * Dcb : nullptr;
+      for (int64_t t = 0; t < n; ++t) {
+        ksc[t] = half_to_f(ksb[t * H + h]) * C::MUL;
+        vsc[t] = half_to_f(vsb[t * H + h]) * C::MUL;
+      }
+      const float* qh = q + (h - h0) * G * D;
+      float* mh = m + (h - h0) * G;
+      float* lh = l + (h - h0) * G;
+      v8* ah = acc + (h - h0) * G * nd;
+      for (int64_t t = 0; t < n; ++t) {  // scores s[g * bs + t] = (q_g . code(k_t)) * k_scale_t
+        if (kn)
+          for (int64_t c = 0; c < Dcb; c += 64) {
+            __builtin_prefetch(kn + t * rs + c);
+            __builtin_prefetch(vn + t * rs + c);
+          }
+        v8 d0[G], d1[G];  // two sums per query head: twice the independent FMA chains
+        for (int g = 0; g < G; ++g) d0[g] = d1[g] = v8{};
+        for (int64_t i = 0; i < n16; ++i) {
+          v8 a, b;
+          C::load(kb + t * rs + i * C::BYTES, a, b);
+          for (int g = 0; g < G; ++g) {
+            d0[g] += loadf8(qh + g * D + 16 * i) * a;
+            d1[g] += loadf8(qh + g * D + 16 * i + 8) * b;
+          }
+        }
+        for (int g = 0; g < G; ++g) s[g * bs + t] = hsum(d0[g] + d1[g]) * ksc[t];
+      }
+      float corr[G];
+      for (int g = 0; g < G; ++g) {  // online softmax: rescale what came before to the new maximum
+        float* sg = s + g * bs;
+        float mx = mh[g];
+        for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sg[t]);
+        corr[g] = std::exp(mh[g] - mx);  // 0 on the first block (m = -inf)
+        float sum = 0.f;
+        for (int64_t t = 0; t < n; ++t) {
+          const float p = exp_nonpositive(sg[t] - mx);
+          sum += p;
+          sg[t] = p * vsc[t];  // the weight of code(v_t)
+        }
+        mh[g] = mx;
+        lh[g] = lh[g] * corr[g] + sum;
+      }
+      for (int64_t i = 0; i < n16; ++i) {  // acc_g += sum_t p_gt v_scale_t code(v_t), 16 values at a time
+        v8 a0[G], a1[G];
+        for (int g = 0; g < G; ++g) {
+          a0[g] = ah[g * nd + 2 * i] * corr[g];
+          a1[g] = ah[g * nd + 2 * i + 1] * corr[g];
+        }
+        for (int64_t t = 0; t < n; ++t) {
+          v8 a, b;
+          C::load(vb + t * rs + i * C::BYTES, a, b);
+          for (int g = 0; g < G; ++g) {
+            a0[g] += s[g * bs + t] * a;
+            a1[g] += s[g * bs + t] * b;
+          }
+        }
+        for (int g = 0; g < G; ++g) {
+          ah[g * nd + 2 * i] = a0[g];
+          ah[g * nd + 2 * i + 1] = a1[g];
+        }
+      }
+    }
+  }
+}
+
+template <int G, int K, typename TQ>
+static void decode(const TQ* q, const Pool& P, const int64_t* table, const int64_t* lens, TQ* out,
+                   int64_t B, int64_t nb, float sm_scale) {
+  const int64_t H = P.H, D = P.D, bs = P.bs, nd = D / 8;
+  const int64_t threads = at::get_num_threads();
+  // Items: whole requests when there are enough of them to share among the threads (reads stay
+  // sequential), else (request, KV head). A request longer than a fair share of the work is cut into
+  // pieces of whole blocks (each with its own softmax state, merged below), so that one long request,
+  // or one KV head (MQA), is not one thread's work while the others wait.
+  const int64_t hp = B >= 2 * threads ? H : 1;
+  std::vector<int64_t> len(B);
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    len[b] = std::max<int64_t>(0, std::min(lens[b], nb * bs));  // never past the table
+    total += len[b] * (H / hp);
+  }
+  const int64_t piece = std::max<int64_t>(4, (total / (4 * threads) + bs - 1) / bs);  // blocks per piece
+  std::vector<Item> items;
+  std::vector<int64_t> first_part(B * H, -1), num_parts(B * H, 0);
+  int64_t parts = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h0 = 0; h0 < H; h0 += hp) {
+      const int64_t blocks = (len[b] + bs - 1) / bs;
+      const int64_t np = std::max<int64_t>(1, (blocks + piece - 1) / piece);
+      if (np > 1) { first_part[b * H + h0] = parts; num_parts[b * H + h0] = np; }
+      for (int64_t p = 0; p < np; ++p)
+        items.push_back({b, h0, h0 + hp, p * piece, std::min(blocks, (p + 1) * piece), np > 1 ? parts++ : -1});
+    }
+  const int64_t ni = items.size();
+  auto cost = [&](const Item& it) { return (std::min(len[it.b], it.j1 * bs) - it.j0 * bs) * (it.h1 - it.h0) + 1; };
+  int64_t tot = 0;
+  for (const Item& it : items) tot += cost(it);
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, ni));
+  std::vector<int64_t> start(nt + 1, ni);
+  start[0] = 0;
+  for (int64_t x = 0, done = 0, t = 1; x < ni && t < nt; ++x) {  // one contiguous run of equal cost per thread
+    done += cost(items[x]);
+    while (t < nt && done * nt >= tot * t) start[t++] = x + 1;
+  }
+  // pieces' states: m, l [parts, hp, G] (hp = 1 whenever there are pieces... or H), acc [parts, hp, G, D]
+  std::vector<float> pm(parts * hp * G), pl(parts * hp * G);
+  std::vector<v8> pacc(parts * hp * G * nd);
+  constexpr bool PERM = Codec<K>::PERM;
+  auto write_out = [&](TQ* o, const v8* a, float inv) {  // one head row, back to the natural order
+    const float* f = reinterpret_cast<const float*>(a);
+    for (int64_t e = 0; e < D; ++e) store_f(o + e, f[pos<PERM>(e)] * inv);
+  };
+  at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+    std::vector<float> s(G * bs), ksc(bs), vsc(bs), m(hp * G), l(hp * G), qb(hp * G * D);
+    std::vector<v8> acc(hp * G * nd);
+    for (int64_t t = tb; t < te; ++t)
+      for (int64_t x = start[t]; x < start[t + 1]; ++x) {
+        const Item& it = items[x];
+        const int64_t nh = it.h1 - it.h0;
+        const TQ* qi = q + (it.b * H + it.h0) * G * D;
+        for (int64_t r = 0; r < nh * G; ++r)  // q scaled, in the kernel's element order
+          for (int64_t e = 0; e < D; ++e) qb[r * D + pos<PERM>(e)] = to_f(qi[r * D + e]) * sm_scale;
+        decode_piece<G, K>(qb.data(), P, table + it.b * nb, len[it.b], it.h0, it.h1, it.j0, it.j1,
+                           s.data(), ksc.data(), vsc.data(), m.data(), l.data(), acc.data());
+        if (it.part < 0) {
+          TQ* o = out + (it.b * H + it.h0) * G * D;
+          for (int64_t r = 0; r < nh * G; ++r) write_out(o + r * D, acc.data() + r * nd, l[r] > 0.f ? 1.f / l[r] : 0.f);
+        } else {
+          std::copy(m.begin(), m.end(), pm.begin() + it.part * hp * G);
+          std::copy(l.begin(), l.end(), pl.begin() + it.part * hp * G);
+          std::copy(acc.begin(), acc.end(), pacc.begin() + it.part * hp * G * nd);
+        }
+      }
+  });
+  if (parts == 0) return;
+  at::parallel_for(0, B * H, 1, [&](int64_t xb, int64_t xe) {  // merge the pieces of each cut request
+    std::vector<v8> acc(hp * G * nd);
+    for (int64_t x = xb; x < xe; ++x) {
+      const int64_t p0 = first_part[x], np = num_parts[x];
+      if (np == 0) continue;
+      for (int64_t r = 0; r < hp * G; ++r) {
+        float mx = -INFINITY, L = 0.f;
+        for (int64_t p = 0; p < np; ++p) mx = std::max(mx, pm[(p0 + p) * hp * G + r]);
+        for (int64_t i = 0; i < nd; ++i) acc[r * nd + i] = v8{};
+        for (int64_t p = 0; p < np; ++p) {
+          const float w = std::exp(pm[(p0 + p) * hp * G + r] - mx);  // 0 for an empty piece
+          L += pl[(p0 + p) * hp * G + r] * w;
+          for (int64_t i = 0; i < nd; ++i) acc[r * nd + i] += pacc[((p0 + p) * hp * G + r) * nd + i] * w;
+        }
+        write_out(out + x * G * D + r * D, acc.data() + r * nd, L > 0.f ? 1.f / L : 0.f);
+      }
+    }
+  });
+}
+
+// q [B, H, G, D] float32 or bfloat16 (not scaled); codes [N, bs, H, Dc] (1 byte each), scales [N, bs, H]
+// float16; block_table [B, nb] int64; lens [B] int64. kind: 0 int8, 1 int4, 2 fp8 e4m3, 3 fp8 e5m2.
+// D a multiple of 16 up to 512, G from 1 to 8. Returns [B, H, G, D] in q's dtype.
+torch::Tensor paged_decode_quant(torch::Tensor q, torch::Tensor k_codes, torch::Tensor k_scales, torch::Tensor v_codes,
+                                 torch::Tensor v_scales, torch::Tensor block_table, torch::Tensor lens, int64_t kind,
+                                 double sm_scale) {
+  TORCH_CHECK(q.is_contiguous() && q.dim() == 4 && (q.scalar_type() == torch::kFloat || q.scalar_type() == torch::kBFloat16),
+              "q: contiguous float32 or bfloat16 [B, H, G, D]");
+  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3);
+  TORCH_CHECK(D % 16 == 0 && D <= 512 && G >= 1 && G <= 8, "head_dim a multiple of 16 up to 512, 1 to 8 query heads per KV head");
+  TORCH_CHECK(kind >= 0 && kind <= 3, "kind: 0 int8, 1 int4, 2 fp8_e4m3, 3 fp8_e5m2");
+  const int64_t Dc = kind == INT4 ? D / 2 : D;
+  for (const auto& c : {k_codes, v_codes})
+    TORCH_CHECK(c.is_contiguous() && c.dim() == 4 && c.element_size() == 1 && c.size(2) == H && c.size(3) == Dc
+                && c.sizes() == k_codes.sizes(), "k/v codes: contiguous one-byte [N, bs, H, Dc]");
+  for (const auto& s : {k_scales, v_scales})
+    TORCH_CHECK(s.is_contiguous() && s.scalar_type() == torch::kHalf && s.dim() == 3 && s.size(0) == k_codes.size(0)
+                && s.size(1) == k_codes.size(1) && s.size(2) == H, "k/v scales: contiguous float16 [N, bs, H]");
+  TORCH_CHECK(block_table.scalar_type() == torch::kLong && lens.scalar_type() == torch::kLong && block_table.dim() == 2
+              && block_table.size(0) == B && lens.numel() == B, "int64 block table [B, n] and lens [B]");
+  auto table = block_table.contiguous();
+  auto n = lens.contiguous();
+  auto out = torch::empty_like(q);
+  const Pool P{static_cast<const uint8_t*>(k_codes.data_ptr()), static_cast<const uint8_t*>(v_codes.data_ptr()),
+               static_cast<const uint16_t*>(k_scales.data_ptr()), static_cast<const uint16_t*>(v_scales.data_ptr()),
+               H, D, k_codes.size(1), Dc};
+  pybind11::gil_scoped_release no_gil;
+  auto with_q = [&](auto kc) {
+    constexpr int K = decltype(kc)::value;
+    auto run = [&](auto g) {
+      constexpr int GG = decltype(g)::value;
+      if (q.scalar_type() == torch::kFloat)
+        decode<GG, K, float>(q.data_ptr<float>(), P, table.data_ptr<int64_t>(), n.data_ptr<int64_t>(), out.data_ptr<float>(),
+                             B, table.size(1), (float)sm_scale);
+      else
+        decode<GG, K, c10::BFloat16>(q.data_ptr<c10::BFloat16>(), P, table.data_ptr<int64_t>(), n.data_ptr<int64_t>(),
+                                     out.data_ptr<c10::BFloat16>(), B, table.size(1), (float)sm_scale);
+    };
+    switch (G) {
+      case 1: return run(std::integral_constant<int, 1>{});
+      case 2: return run(std::integral_constant<int, 2>{});
+      case 3: return run(std::integral_constant<int, 3>{});
+      case 4: return run(std::integral_constant<int, 4>{});
+      case 5: return run(std::integral_constant<int, 5>{});
+      case 6: return run(std::integral_constant<int, 6>{});
+      case 7: return run(std::integral_constant<int, 7>{});
+      default: return run(std::integral_constant<int, 8>{});
+    }
+  };
+  switch (kind) {
+    case INT8: with_q(std::integral_constant<int, INT8>{}); break;
+    case INT4: with_q(std::integral_constant<int, INT4>{}); break;
+    case E4M3: with_q(std::integral_constant<int, E4M3>{}); break;
+    default: with_q(std::integral_constant<int, E5M2>{}); break;
+  }
+  return out;
+}
+"""
+
+_state: dict = {"module": None, "tried": False}
+
+
+def _load():
+    """Build (first call; ~1-2 minutes, cached under ~/.cache/torch_extensions) or return the extension.
+    The flags are cpu_kernels._load's, copied: see the comments there."""
+    if _state["tried"]:
+        return _state["module"]
+    _state["tried"] = True
+    if os.environ.get("KVSERVE_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        cap = torch.backends.cpu.get_cpu_capability().lower()
+        _state["module"] = load_inline(
+            name=f"kvserve_quant_kv_{cap}", cpp_sources=[_SOURCE], functions=["paged_decode_quant"],
+            extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+                          "-fno-trapping-math", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False)
+    except Exception as e:  # no compiler, no ninja, no headers: the PyTorch reference still works
+        log.warning("CPU quantized paged-decode kernel unavailable (%s: %s)", type(e).__name__, e)
+    return _state["module"]
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def supports_quant(head_dim: int, group: int, kind: str) -> bool:
+    """Whether the kernel takes this shape and format (head_dim in 16-value chunks up to 512, 1 to 8
+    query heads per KV head) and has been built."""
+    return kind in KINDS and head_dim % 16 == 0 and head_dim <= 512 and 1 <= group <= 8 and available()
+
+
+def paged_decode_quant(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor,
+                       v_scales: torch.Tensor, block_table: torch.Tensor, lens: torch.Tensor, kind: str) -> torch.Tensor:
+    """Decode attention for q ``[B, Hkv, G, D]`` (fp32 or bf16) over each request's first ``lens[b]``
+    cached tokens, read through ``block_table [B, n]`` from one layer's quantized pool: codes
+    ``[num_blocks, block_size, Hkv, Dc]``, scales ``[num_blocks, block_size, Hkv]`` float16.
+    Returns ``[B, Hkv, G, D]`` in q's dtype. ``kind`` must match the codes' dtype."""
+    fmt = kv_quant(kind)
+    if k_codes.dtype != fmt.code_dtype or v_codes.dtype != fmt.code_dtype:
+        raise TypeError(f"{kind} codes are {fmt.code_dtype}, got {k_codes.dtype} / {v_codes.dtype}")
+    return _load().paged_decode_quant(q.contiguous(), k_codes, k_scales, v_codes, v_scales, block_table, lens,
+                                      KINDS.index(fmt.name), q.shape[-1] ** -0.5)
+
+
+def paged_decode_quant_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor,
+                                 v_codes: torch.Tensor, v_scales: torch.Tensor, block_table: torch.Tensor,
+                                 lens: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same in plain PyTorch (any device): gather the blocks, dequantize them to fp32, mask past
+    each length, softmax; as ``cpu_kernels.paged_decode_reference`` on the dequantized pool."""
+    fmt = kv_quant(kind)
+    assert k_codes.dtype == fmt.code_dtype and v_codes.dtype == fmt.code_dtype, (kind, k_codes.dtype)
+    k = dequantize(k_codes[block_table], k_scales[block_table]).flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+    v = dequantize(v_codes[block_table], v_scales[block_table]).flatten(1, 2).transpose(1, 2)
+    visible = torch.arange(k.shape[2], device=q.device)[None, :] < lens[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(q.float(), k, v, attn_mask=visible[:, None, None, :])
+    return out.to(q.dtype)
