@@ -15,7 +15,7 @@ llama.cpp (llama-cpp-python in ``.venv-llama``, ``make bench-llama``): the same 
 ``type_k/type_v`` f16, q8_0 and q4_0 (flash attention on, which quantized V needs): its perplexity over
 the same token ids and windows (``n_batch`` 64), and its batch-1 decode speed at 1k and 4k.
 
-    .venv/bin/python benchmarks/bench_kv_quant.py                     # ~12 min on 2 cores
+    .venv/bin/python benchmarks/bench_kv_quant.py                     # ~20 min on 2 cores
     .venv/bin/python benchmarks/bench_kv_quant.py --quick             # fewer tokens, no 4k batch 16
 """
 from __future__ import annotations
@@ -46,7 +46,9 @@ LLAMA_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # ggml type ids
 def decode_speed(llm: LLM, ids: list[int], ctx: int, batch: int, steps: int, segments: int) -> dict:
     """Prefill ``batch`` distinct ``ctx``-token prompts, then time decode steps at that batch and at 1."""
     e = llm.engine
-    sp = SamplingParams(temperature=0, max_tokens=2 * segments * steps + 8, ignore_eos=True)
+    # max_tokens far past what is timed: the first requests decode while the others still prefill, and
+    # a request that finished inside a timed segment would make its steps empty (and the rate too high)
+    sp = SamplingParams(temperature=0, max_tokens=512, ignore_eos=True)
     rids = [e.add_request(None, sp, prompt_token_ids=ids[i * ctx : (i + 1) * ctx]) for i in range(batch)]
     while any(not e.requests[r].output_token_ids for r in rids):  # prefill (chunked) until each has a token
         e.step()
@@ -58,11 +60,17 @@ def decode_speed(llm: LLM, ids: list[int], ctx: int, batch: int, steps: int, seg
             for _ in range(steps):
                 e.step()
             times.append(time.perf_counter() - t0)
+        assert all(r in e.requests and not e.requests[r].is_finished for r in live), "a timed request finished"
         return median(times)
 
-    out = {f"b{batch}_tok_s": batch * steps / timed()}
-    for r in rids[1:]:
-        e.abort_request(r)
+    live = rids
+
+    out = {}
+    if batch > 1:
+        out[f"b{batch}_tok_s"] = batch * steps / timed()
+        for r in rids[1:]:
+            e.abort_request(r)
+        live = rids[:1]
     out["b1_tok_s"] = steps / timed()
     e.abort_request(rids[0])
     return out
@@ -88,10 +96,17 @@ def run_kvserve(kind: str, ids: list[int], args) -> dict:
     gc.collect()
 
     llm = LLM(args.model, kv_cache_dtype=kind, max_num_batched_tokens=2048, max_num_seqs=16,
-              max_model_len=4096 + 2 * args.segments * args.steps + 16, enable_prefix_caching=False,
+              max_model_len=4096 + 600, enable_prefix_caching=False,
               kv_cache_memory="2GiB")
+    # Touch every block once before timing, as a running server's pool is: a never-used block costs
+    # its first writer page faults and zeroing, which would land inside the first timed steps.
+    llm.engine.kv_cache.zero_new(list(range(llm.engine.kv_cache.num_blocks)))
     for ctx in args.contexts:
-        batch = 16 if not (args.quick and ctx > 1024) else 4
+        # 16 distinct 4k prompts are 64k prefill tokens (~5 min per dtype here): batch 16 at 4k runs for
+        # the dtypes in --b16-4k only, the others get batch 1 there
+        batch = 16 if ctx <= 1024 or kind in args.b16_4k.split(",") else 1
+        if args.quick and ctx > 1024:
+            batch = 1
         t0 = time.perf_counter()
         d = decode_speed(llm, ids, ctx, batch, args.steps, args.segments)
         row[f"decode_{ctx}"] = d
@@ -166,6 +181,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16, help="decode steps per timed segment")
     p.add_argument("--segments", type=int, default=3, help="timed segments (the median is reported)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--b16-4k", default="auto,int8", help="KV dtypes also measured at batch 16 with 4k contexts")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--llama-python", default=str(ROOT / ".venv-llama" / "bin" / "python"))
     p.add_argument("--llama-types", default="f16,q8_0,q4_0")

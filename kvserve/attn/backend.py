@@ -81,6 +81,7 @@ class SDPABackend(AttentionBackend):
 
     name = "sdpa"
     split_decodes = True  # padding makes a short decode beside a long one pay the long one's length
+    view_lone_decode = True  # a lone decode whose blocks sit side by side reads a view, no gather
 
     # ------------------------------------------------------------------ prepare
     def prepare(self, seqs: list[SeqSpan]) -> list[AttnMetadata]:
@@ -129,7 +130,7 @@ class SDPABackend(AttentionBackend):
         # decodes are scheduled first, so their rows are usually consecutive: a slice is a view, not a gather
         consecutive = rows == list(range(rows[0], rows[0] + B))
         q_rows = slice(rows[0], rows[0] + B) if consecutive else as_tensor(rows)
-        if B == 1 and _adjacent(blocks[0]):  # a view of the cache, no gather
+        if B == 1 and self.view_lone_decode and _adjacent(blocks[0]):  # a view of the cache, no gather
             start = blocks[0][0] * block_size
             return AttnGroup(q_rows, 1, 1, slice(start, start + lens[0]))
         n_max = max(len(b) for b in blocks)

@@ -19,6 +19,9 @@ from kvserve.models import cpu_kernels, cpu_quant_kernels
 class CPUPagedBackend(SDPABackend):
     name = "cpu-paged"
     split_decodes = False  # no padding: one decode group per step
+    # the kernel beats SDPA over a view for a lone decode too (bf16, SmolLM2, batch 1: 37.3 vs 32.0 tok/s
+    # at 1k context, 28.4 vs 19.6 at 4k; int8 KV 34.8 vs 25.5 and 23.0 vs 17.0)
+    view_lone_decode = False
 
     def _decode(self, q: torch.Tensor, layer: int, g: AttnGroup) -> torch.Tensor:
         if g.lens is None:  # one request whose blocks sit side by side: SDPA over a view, no gather

@@ -42,7 +42,9 @@ import torch
 
 log = logging.getLogger("kvserve")
 
-_SOURCE = r"""
+# What both C++ extensions (this one and ``cpu_quant_kernels``) start with: headers, the 8-float vector
+# type, a horizontal sum and a vectorizable exp.
+SHARED_CPP = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -53,20 +55,6 @@ _SOURCE = r"""
 // Eight floats as one value: GCC/Clang vector extensions, which become AVX2/AVX-512 (or NEON)
 // instructions under -march=native, with no intrinsics tied to one instruction set.
 typedef float v8 __attribute__((vector_size(32)));
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-
-static inline v8 load8(const float* p) { v8 r; std::memcpy(&r, p, sizeof(r)); return r; }
-static inline v8 load8(const c10::BFloat16* p) {  // bf16 is the top half of a float: widen and shift
-  u16x8 h; std::memcpy(&h, p, sizeof(h));
-  u32x8 w = __builtin_convertvector(h, u32x8) << 16;
-  v8 r; std::memcpy(&r, &w, sizeof(r)); return r;
-}
-static inline v8 load8(const c10::Half* p) {
-  float f[8];
-  for (int i = 0; i < 8; ++i) f[i] = static_cast<float>(p[i]);
-  return load8(f);
-}
 static inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 // exp(x) for x <= 0 in plain arithmetic the compiler can vectorize (libm's expf is a scalar call).
@@ -87,6 +75,41 @@ static inline float exp_nonpositive(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
+
+// f(std::integral_constant<int, G>{}) for G query heads per KV head, 1 to 8: G as a template constant,
+// so that the G running sums of the inner loops live in registers.
+template <typename F>
+static inline void with_group(int64_t G, F&& f) {
+  switch (G) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+"""
+
+_SOURCE = SHARED_CPP + r"""
+
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float* p) { v8 r; std::memcpy(&r, p, sizeof(r)); return r; }
+static inline v8 load8(const c10::BFloat16* p) {  // bf16 is the top half of a float: widen and shift
+  u16x8 h; std::memcpy(&h, p, sizeof(h));
+  u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+  v8 r; std::memcpy(&r, &w, sizeof(r)); return r;
+}
+static inline v8 load8(const c10::Half* p) {
+  float f[8];
+  for (int i = 0; i < 8; ++i) f[i] = static_cast<float>(p[i]);
+  return load8(f);
+}
+
 
 // One request, KV heads [h0, h1): each head's G query heads against the first `len` cached tokens.
 // Block by block, all the item's heads at once: a block's K (and V) rows for those heads sit side by side
@@ -350,16 +373,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_blocks, torch::Tenso
                                     table.data_ptr<int64_t>(), n.data_ptr<int64_t>(), out.data_ptr<float>(),
                                     B, H, D, k_blocks.size(1), table.size(1));
     };
-    switch (G) {
-      case 1: return run(std::integral_constant<int, 1>{});
-      case 2: return run(std::integral_constant<int, 2>{});
-      case 3: return run(std::integral_constant<int, 3>{});
-      case 4: return run(std::integral_constant<int, 4>{});
-      case 5: return run(std::integral_constant<int, 5>{});
-      case 6: return run(std::integral_constant<int, 6>{});
-      case 7: return run(std::integral_constant<int, 7>{});
-      default: return run(std::integral_constant<int, 8>{});
-    }
+    with_group(G, run);
   };
   switch (k_blocks.scalar_type()) {
     case torch::kFloat: dispatch(static_cast<float*>(nullptr)); break;
@@ -375,22 +389,22 @@ _state: dict = {"module": None, "tried": False}
 _ANNOUNCE_AFTER_S = 1.5
 
 
-def _load():
-    if _state["tried"]:
-        return _state["module"]
-    _state["tried"] = True
+def build_extension(name: str, source: str, functions: list[str], what: str):
+    """Build (or load the cached build of) one C++ extension; None, with a warning, when it cannot be
+    built (no compiler, no ninja, no headers) or KVSERVE_CPU_KERNELS=0. Shared by this module and
+    ``cpu_quant_kernels``."""
     if os.environ.get("KVSERVE_CPU_KERNELS", "1") == "0":
         return None
     # load_inline is silent, and whether it will compile (first run, new CPU type, changed source) is
     # ninja's decision inside it. A finished build loads in ~0.1 s, so anything still running after
     # ANNOUNCE_AFTER_S seconds is a build: say so then.
-    t0, done, announced = time.perf_counter(), threading.Event(), []
+    t0, done, announced, module = time.perf_counter(), threading.Event(), [], None
 
     def announce():
         if not done.wait(_ANNOUNCE_AFTER_S):
             announced.append(True)
-            log.warning("building kvserve C++ kernels (first run on this machine, ~1 min; "
-                        "KVSERVE_CPU_KERNELS=0 skips them)...")
+            log.warning("building kvserve C++ %s (first run on this machine, ~1 min; "
+                        "KVSERVE_CPU_KERNELS=0 skips them)...", what)
 
     threading.Thread(target=announce, name="kvserve-kernel-build-notice", daemon=True).start()
     try:
@@ -401,19 +415,28 @@ def _load():
         # being loaded on an AVX2 machine that shares the cache directory. The math flags let the compiler
         # vectorize the dot products (reassociating float sums) without assuming away the -inf above.
         cap = torch.backends.cpu.get_cpu_capability().lower()
-        _state["module"] = load_inline(
-            name=f"kvserve_cpu_kernels_{cap}", cpp_sources=[_SOURCE], functions=["paged_decode", "rms_norm", "add_rms_norm", "silu_and_mul", "rotary_"],
+        module = load_inline(
+            name=f"{name}_{cap}", cpp_sources=[source], functions=functions,
             extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
                           "-fno-trapping-math", "-fopenmp"],
             # at::parallel_for is OpenMP in the headers; the libgomp.so.1 torch already loaded serves it
             extra_ldflags=["-fopenmp"],
             verbose=False)
-    except Exception as e:  # no compiler, no ninja, no headers: the PyTorch path still works
-        log.warning("CPU paged-decode kernel unavailable (%s: %s); using gather + SDPA", type(e).__name__, e)
+    except Exception as e:  # the PyTorch paths still work
+        log.warning("C++ %s unavailable (%s: %s); using the PyTorch path", what, type(e).__name__, e)
     finally:
         done.set()
-    if announced and _state["module"] is not None:
-        log.warning("kvserve C++ kernels built in %.0f s (cached for later runs)", time.perf_counter() - t0)
+    if announced and module is not None:
+        log.warning("kvserve C++ %s built in %.0f s (cached for later runs)", what, time.perf_counter() - t0)
+    return module
+
+
+def _load():
+    if not _state["tried"]:
+        _state["tried"] = True
+        _state["module"] = build_extension(
+            "kvserve_cpu_kernels", _SOURCE, ["paged_decode", "rms_norm", "add_rms_norm", "silu_and_mul", "rotary_"],
+            "kernels")
     return _state["module"]
 
 

@@ -29,35 +29,25 @@ a request's blocks may be cut into pieces when there are too few (request, head)
 threads (batch 1, MQA: one item would leave every other core idle); each piece keeps its own
 (m, l, acc), merged after the parallel loop as in flash-decoding.
 
-Its own ``load_inline`` extension ("kvserve_quant_kv_<cpu>"), so that editing it does not rebuild
-``cpu_kernels``; the build flags are those of ``cpu_kernels._load`` (copied, not shared: that function
-builds its own source). KVSERVE_CPU_KERNELS=0 turns it off too.
+Its own extension ("kvserve_quant_kv_<cpu>"), so that editing it does not rebuild ``cpu_kernels``;
+built by ``cpu_kernels.build_extension`` (same flags, same build notice) from ``cpu_kernels.SHARED_CPP``
+(vector type, exp, the group-size switch) plus the code below. KVSERVE_CPU_KERNELS=0 turns it off too.
 """
 from __future__ import annotations
-
-import logging
-import os
 
 import torch
 
 from kvserve.kv.quant import dequantize, kv_quant
-
-log = logging.getLogger("kvserve")
+from kvserve.models import cpu_kernels
+from kvserve.models.cpu_kernels import build_extension
 
 KINDS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")  # the C++ side numbers them in this order
 
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <vector>
-#ifdef __F16C__
+_SOURCE = cpu_kernels.SHARED_CPP + r"""
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef int16_t i16x8 __attribute__((vector_size(16)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
@@ -65,7 +55,27 @@ typedef int8_t i8x8 __attribute__((vector_size(8)));
 typedef uint8_t u8x8 __attribute__((vector_size(8)));
 
 static inline v8 loadf8(const float* p) { v8 r; std::memcpy(&r, p, sizeof(r)); return r; }
-static inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// Eight bytes -> eight int32. GCC turns __builtin_convertvector from an 8-byte vector into 32-bit lanes
+// into scalar code (one byte at a time: int8 KV decoded 2x slower than fp8); AVX2 has one instruction.
+static inline i32x8 widen_i8(const uint8_t* p) {
+#ifdef __AVX2__
+  const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  i32x8 r; std::memcpy(&r, &w, 32); return r;
+#else
+  i8x8 x; std::memcpy(&x, p, 8);
+  return __builtin_convertvector(__builtin_convertvector(x, i16x8), i32x8);
+#endif
+}
+static inline i32x8 widen_u8(const uint8_t* p) {
+#ifdef __AVX2__
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  i32x8 r; std::memcpy(&r, &w, 32); return r;
+#else
+  u8x8 x; std::memcpy(&x, p, 8);
+  return __builtin_convertvector(__builtin_convertvector(x, u16x8), i32x8);
+#endif
+}
 
 static inline float half_to_f(uint16_t h) {
 #ifdef __F16C__
@@ -84,23 +94,6 @@ static inline v8 half8(u16x8 h) {  // eight float16 bit patterns -> floats
 #endif
 }
 
-// exp(x) for x <= 0 in plain arithmetic the compiler can vectorize: cpu_kernels' (Cephes' expf, ~1 ulp).
-static inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float k = std::nearbyint(x * 1.44269504088896341f);
-  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 // ---- the formats: 16 values of a head row -> two 8-float vectors (a, b) ----
 // BYTES: code bytes per 16 values. MUL: folded into each token's scale. PERM: a = the even elements and
@@ -110,16 +103,14 @@ template <int K> struct Codec;
 template <> struct Codec<INT8> {
   static constexpr int BYTES = 16; static constexpr float MUL = 1.f; static constexpr bool PERM = false;
   static inline void load(const uint8_t* p, v8& a, v8& b) {
-    i8x8 x, y; std::memcpy(&x, p, 8); std::memcpy(&y, p + 8, 8);
-    a = __builtin_convertvector(__builtin_convertvector(x, i32x8), v8);
-    b = __builtin_convertvector(__builtin_convertvector(y, i32x8), v8);
+    a = __builtin_convertvector(widen_i8(p), v8);
+    b = __builtin_convertvector(widen_i8(p + 8), v8);
   }
 };
 template <> struct Codec<INT4> {
   static constexpr int BYTES = 8; static constexpr float MUL = 1.f; static constexpr bool PERM = true;
   static inline void load(const uint8_t* p, v8& a, v8& b) {
-    u8x8 x; std::memcpy(&x, p, 8);
-    const i32x8 w = __builtin_convertvector(x, i32x8);
+    const i32x8 w = widen_u8(p);
     a = __builtin_convertvector((w & 15) - 8, v8);
     b = __builtin_convertvector((w >> 4) - 8, v8);
   }
@@ -401,16 +392,7 @@ torch::Tensor paged_decode_quant(torch::Tensor q, torch::Tensor k_codes, torch::
         decode<GG, K, c10::BFloat16>(q.data_ptr<c10::BFloat16>(), P, table.data_ptr<int64_t>(), n.data_ptr<int64_t>(),
                                      out.data_ptr<c10::BFloat16>(), B, table.size(1), (float)sm_scale);
     };
-    switch (G) {
-      case 1: return run(std::integral_constant<int, 1>{});
-      case 2: return run(std::integral_constant<int, 2>{});
-      case 3: return run(std::integral_constant<int, 3>{});
-      case 4: return run(std::integral_constant<int, 4>{});
-      case 5: return run(std::integral_constant<int, 5>{});
-      case 6: return run(std::integral_constant<int, 6>{});
-      case 7: return run(std::integral_constant<int, 7>{});
-      default: return run(std::integral_constant<int, 8>{});
-    }
+    with_group(G, run);
   };
   switch (kind) {
     case INT8: with_q(std::integral_constant<int, INT8>{}); break;
@@ -426,25 +408,10 @@ _state: dict = {"module": None, "tried": False}
 
 
 def _load():
-    """Build (first call; ~1-2 minutes, cached under ~/.cache/torch_extensions) or return the extension.
-    The flags are cpu_kernels._load's, copied: see the comments there."""
-    if _state["tried"]:
-        return _state["module"]
-    _state["tried"] = True
-    if os.environ.get("KVSERVE_CPU_KERNELS", "1") == "0":
-        return None
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        cap = torch.backends.cpu.get_cpu_capability().lower()
-        _state["module"] = load_inline(
-            name=f"kvserve_quant_kv_{cap}", cpp_sources=[_SOURCE], functions=["paged_decode_quant"],
-            extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-                          "-fno-trapping-math", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False)
-    except Exception as e:  # no compiler, no ninja, no headers: the PyTorch reference still works
-        log.warning("CPU quantized paged-decode kernel unavailable (%s: %s)", type(e).__name__, e)
+    """Build on first call (~1 minute, cached under ~/.cache/torch_extensions) or return the extension."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        _state["module"] = build_extension("kvserve_quant_kv", _SOURCE, ["paged_decode_quant"], "quantized-KV kernel")
     return _state["module"]
 
 

@@ -36,3 +36,17 @@ def test_cpu_tensor_into_cuda_cache_is_a_clear_error():
     k = torch.zeros(1, e.model_config.num_kv_heads, e.model_config.head_dim)
     with pytest.raises(RuntimeError, match="cache is on cuda"):
         e.kv_cache.write(0, k, k, torch.zeros(1, dtype=torch.long, device="cuda"))
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8_e4m3", "int4"])
+def test_cuda_quantized_kv_follows_the_cpu_engine(kind):
+    """On CUDA a quantized cache is written (quantize) and read (dequantize, then SDPA) in PyTorch:
+    greedy tokens follow the same quantized cache on the CPU for a long common prefix."""
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    gpu = make_llm(kv_cache_dtype=kind, device="cuda", dtype="float32", num_kv_blocks=128)
+    assert gpu.engine.kv_cache.k.device.type == "cuda" and gpu.engine.kv_spec.quant == kind
+    cpu = make_llm(kv_cache_dtype=kind, dtype="float32", num_kv_blocks=128)
+    for a, b in zip(*[[o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp)] for llm in (cpu, gpu)]):
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        assert same >= 8
+    gpu.engine.kv_manager.check_integrity()
