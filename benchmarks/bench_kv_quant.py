@@ -15,7 +15,7 @@ llama.cpp (llama-cpp-python in ``.venv-llama``, ``make bench-llama``): the same 
 ``type_k/type_v`` f16, q8_0 and q4_0 (flash attention on, which quantized V needs): its perplexity over
 the same token ids and windows (``n_batch`` 64), and its batch-1 decode speed at 1k and 4k.
 
-    .venv/bin/python benchmarks/bench_kv_quant.py                     # ~20 min on 2 cores
+    .venv/bin/python benchmarks/bench_kv_quant.py                     # ~25 min on 2 cores
     .venv/bin/python benchmarks/bench_kv_quant.py --quick             # fewer tokens, no 4k batch 16
 """
 from __future__ import annotations
@@ -207,6 +207,9 @@ def main() -> None:
     else:
         print(f"llama-cpp-python not found at {args.llama_python} (make bench-llama): kvserve only", flush=True)
 
+    def ratio(x, y):
+        return "-" if not x or not y else f"{x / y:.2f}x"
+
     base = rows[0]
     table = []
     for r in rows:
@@ -215,9 +218,9 @@ def main() -> None:
                       r["bytes_per_token"], f"{r['bytes_per_token'] / base['bytes_per_token']:.3f}x",
                       r["seqs_2048_in_256MiB"], f"{r['perplexity']:.4f}",
                       f"{(r['perplexity'] / base['perplexity'] - 1) * 100:+.2f} %",
-                      fmt(d1.get("b1_tok_s")), fmt(d1.get("b16_tok_s") or d1.get("b4_tok_s")),
-                      fmt(d4.get("b1_tok_s")), fmt(d4.get("b16_tok_s") or d4.get("b4_tok_s")),
-                      fmt((d4.get("b16_tok_s") or d4.get("b4_tok_s") or 0) / max(1e-9, base.get("decode_4096", {}).get("b16_tok_s") or base.get("decode_4096", {}).get("b4_tok_s") or 1), 2) + "x"])
+                      fmt(d1.get("b1_tok_s")), fmt(d1.get("b16_tok_s")),
+                      fmt(d4.get("b1_tok_s")), fmt(d4.get("b16_tok_s")),
+                      ratio(d4.get("b16_tok_s"), base.get("decode_4096", {}).get("b16_tok_s"))])
     print()
     print(format_table(["kvserve KV dtype", "bytes/token", "vs 16-bit", "2k seqs in 256 MiB", "perplexity",
                         "ppl change", "decode b1 @1k", "b16 @1k", "b1 @4k", "b16 @4k", "b16 @4k vs 16-bit"], table))
