@@ -14,11 +14,11 @@ from tests.conftest import PROMPTS, make_llm
 
 QUANT = ["int8", "fp8_e4m3", "fp8_e5m2", "int4"]
 # Teacher-forced top-1 agreement with the fp32 cache, and the perplexity ratio allowed. Measured on this
-# text (one scale per token and KV head): int8 0.983 / +0.3 %, fp8_e4m3 0.970 / +0.7 %, fp8_e5m2
-# 0.926 / +3.0 %, int4 (Hadamard-rotated) 0.822 / +12.7 %. int8 and fp8_e4m3 meet the issue's 97 %;
-# int4 does not reach its 90 % (SmolLM2's keys have outlier channels that one scale per row serves badly
-# in 4 bits: see docs/kv_quantization.md), so its bounds here only guard against getting worse.
-MIN_AGREEMENT = {"int8": 0.97, "fp8_e4m3": 0.95, "fp8_e5m2": 0.90, "int4": 0.78}
+# text (one scale per token and KV head; int4 and fp8 Hadamard-rotated): int8 0.983 / +0.27 %, fp8_e4m3
+# 0.972 / -0.29 %, fp8_e5m2 0.942 / +2.6 %, int4 0.822 / +12.7 %. int8 and fp8_e4m3 meet the issue's
+# 97 %; int4 does not reach its 90 % (SmolLM2's keys have outlier channels that one scale per row serves
+# badly in 4 bits: see docs/kv_quantization.md), so its bounds here only guard against getting worse.
+MIN_AGREEMENT = {"int8": 0.97, "fp8_e4m3": 0.97, "fp8_e5m2": 0.92, "int4": 0.78}
 MAX_PPL_RATIO = {"int8": 1.005, "fp8_e4m3": 1.01, "fp8_e5m2": 1.04, "int4": 1.17}
 N_TOKENS = 640  # of pydoc_data.topics, scored in 64-token chunks: most reads come from the cache
 

@@ -79,3 +79,34 @@ def test_wrong_code_dtype_is_refused():
     q, kc, ks, vc, vs, table, lens = quant_case(1, "int8", 2, 3, 3, 64, 16)
     with pytest.raises(TypeError, match="int4 codes are torch.uint8"):
         paged_decode_quant(q, kc, ks, vc, vs, table, lens, "int4")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_write_gives_the_bytes_of_quantize(kind, dtype):
+    """The C++ write (one call per layer) stores exactly what kv.quant.quantize + index_copy store:
+    same codes, same float16 scales, at the given slots only; zero rows, tiny rows and outliers too."""
+    g = torch.Generator().manual_seed(7)
+    T, H, D, S = 37, 3, 64, 100
+    x = (torch.randn(T, H, D, generator=g) * torch.rand(T, H, 1, generator=g) * 5)
+    x[3, 1] = 0.0
+    x[5, 2] = 1e-9           # below float16's smallest scale step: stored as zeros
+    x[7, 0, 5] = 300.0       # one outlier
+    x = x.to(dtype)
+    fmt_codes, fmt_scales = quantize(x, kind)
+    codes = torch.zeros(S, H, fmt_codes.shape[-1], dtype=fmt_codes.dtype)
+    scales = torch.zeros(S, H, dtype=torch.float16)
+    slots = torch.randperm(S, generator=g)[:T]
+    cpu_quant_kernels.quantize_write(x, codes, scales, slots, kind)
+    assert torch.equal(codes[slots].view(torch.uint8), fmt_codes.view(torch.uint8))
+    assert torch.equal(scales[slots], fmt_scales)
+    untouched = torch.ones(S, dtype=torch.bool)
+    untouched[slots] = False
+    assert not codes[untouched].view(torch.uint8).any() and not scales[untouched].any()
+
+
+def test_quantize_write_refuses_a_slot_out_of_range():
+    codes = torch.zeros(10, 2, 64, dtype=torch.int8)
+    scales = torch.zeros(10, 2, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        cpu_quant_kernels.quantize_write(torch.randn(1, 2, 64), codes, scales, torch.tensor([10]), "int8")

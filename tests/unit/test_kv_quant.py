@@ -127,8 +127,8 @@ def test_storage_moves_codes_and_scales_together(kind):
     slots = torch.arange(4, 8)  # block 1
     kv.write(1, k, v, slots)
     rk, rv = kv.read(1, slice(4, 8))
-    r = kv.rotation  # int4: stored rotated, read back turned
-    assert (r is not None) == (kind == "int4")
+    r = kv.rotation  # int4 and fp8: stored rotated, read back turned
+    assert (r is not None) == (kind != "int8")
     want = [dequantize(*quantize(x, kind)) if r is None else dequantize(*quantize(x @ r, kind)) @ r for x in (k, v)]
     assert torch.equal(rk, want[0]) and torch.equal(rv, want[1])
     kv.copy_block(1, 2)  # copy-on-write
