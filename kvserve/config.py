@@ -55,7 +55,15 @@ KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", *KV_CACHE_QUANT_DTY
 
 @dataclass
 class ModelConfig:
-    """Architecture of a Llama-family decoder, read from GGUF metadata or a HF config.json."""
+    """Architecture of a decoder, read from GGUF metadata or a HF config.json.
+
+    The families differ in a few switches, all off for Llama (and SmolLM2, Qwen2):
+
+    - Gemma 3: ``layer_types`` ("sliding" layers attend to the last ``sliding_window`` positions,
+      themselves included, and rotate with ``rope_local_theta``; "full" layers see everything and use
+      ``rope_theta``), ``qk_norm`` (RMSNorm over each head's q and k before RoPE), ``sandwich_norms``
+      (the attention and MLP outputs are normalized again before the residual add), ``hidden_act``
+      "gelu_tanh" and ``scale_embeddings`` (embeddings times sqrt(hidden_size))."""
 
     vocab_size: int
     hidden_size: int
@@ -72,10 +80,29 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     name: str = "model"
     attention_bias: bool = False  # q/k/v projections add a bias (Qwen2; Llama's config.json attention_bias)
+    # per layer "full" | "sliding"; None: every layer full
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None  # positions a sliding layer's query sees, its own included
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (None: rope_theta)
+    qk_norm: bool = False
+    sandwich_norms: bool = False
+    hidden_act: str = "silu"  # "silu" (SwiGLU) | "gelu_tanh" (GeGLU)
+    scale_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)  # a list when read back from JSON
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= {"full", "sliding"}:
+                raise ValueError(f"layer_types: one of 'full' / 'sliding' per layer, got {self.layer_types}")
+            if "sliding" in self.layer_types and not self.sliding_window:
+                raise ValueError("sliding layers need a sliding_window")
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"hidden_act must be 'silu' or 'gelu_tanh', got {self.hidden_act!r}")
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types is not None and self.layer_types[layer] == "sliding"
 
     @property
     def q_size(self) -> int:
@@ -88,7 +115,8 @@ class ModelConfig:
     def num_params(self) -> int:
         attn = (self.hidden_size + self.attention_bias) * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
         mlp = 3 * self.hidden_size * self.intermediate_size
-        per_layer = attn + mlp + 2 * self.hidden_size
+        norms = (4 if self.sandwich_norms else 2) * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
+        per_layer = attn + mlp + norms
         emb = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + emb + self.hidden_size
 

@@ -89,6 +89,7 @@ class SDPABackend(AttentionBackend):
 
     def _prepare_group(self, seqs: list[SeqSpan], group: int) -> AttnMetadata:
         block_size, device = self.kv.block_size, self.kv.device
+        window = self.kv.spec.groups[group].spec.window  # None: full attention
         as_tensor = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long).to(device)  # noqa: E731
         as_mask = lambda a: torch.as_tensor(a).to(device)  # noqa: E731
         slots, groups = [], []
@@ -110,29 +111,37 @@ class SDPABackend(AttentionBackend):
                     width = len(blocks) * block_size
                     read = (as_tensor(blocks[None, :]), width)
                 mask = None
-                if c > 0:  # a chunk after cached tokens: query i (position c+i) sees keys 0..c+i
-                    mask = as_mask(np.arange(width)[None, :] <= p[:, None]).view(1, 1, n, width)
-                # c == 0: plain causal (top-left aligned), which also hides any padding keys past L
-                groups.append(AttnGroup(slice(t, t + n), 1, n, read, mask, is_causal=c == 0))
+                if c > 0 or (window is not None and n > window):
+                    # query i (position c+i) sees keys 0..c+i, or under a window c+i-W+1..c+i
+                    keys = np.arange(width)[None, :]
+                    visible = keys <= p[:, None]
+                    if window is not None:
+                        visible &= keys > p[:, None] - window
+                    mask = as_mask(visible).view(1, 1, n, width)
+                # else plain causal (top-left aligned), which also hides any padding keys past L
+                groups.append(AttnGroup(slice(t, t + n), 1, n, read, mask, is_causal=mask is None))
             t += n
         if decode_rows:
             runs = group_decodes(decode_lens, block_size) if self.split_decodes else [list(range(len(decode_rows)))]
             for members in runs:
                 groups.insert(0, self._decode_group(
                     [decode_rows[i] for i in members], [decode_lens[i] for i in members],
-                    [decode_blocks[i] for i in members], as_tensor, as_mask))
+                    [decode_blocks[i] for i in members], as_tensor, as_mask, window))
         return AttnMetadata(as_tensor(np.concatenate(slots)), groups)
 
-    def _decode_group(self, rows: list[int], lens: list[int], blocks: list[np.ndarray], as_tensor, as_mask) -> AttnGroup:
-        """Single-token decodes of several requests as one [B, 1] attention over their block tables."""
+    def _decode_group(self, rows: list[int], lens: list[int], blocks: list[np.ndarray], as_tensor, as_mask,
+                      window: int | None = None) -> AttnGroup:
+        """Single-token decodes of several requests as one [B, 1] attention over their block tables
+        (under a sliding window, each sees its last ``window`` keys)."""
         block_size = self.kv.block_size
         B = len(rows)
         # decodes are scheduled first, so their rows are usually consecutive: a slice is a view, not a gather
         consecutive = rows == list(range(rows[0], rows[0] + B))
         q_rows = slice(rows[0], rows[0] + B) if consecutive else as_tensor(rows)
+        begins = np.maximum(np.asarray(lens) - window, 0) if window is not None else np.zeros(B, dtype=np.int64)
         if B == 1 and self.view_lone_decode and _adjacent(blocks[0]):  # a view of the cache, no gather
             start = blocks[0][0] * block_size
-            return AttnGroup(q_rows, 1, 1, slice(start, start + lens[0]))
+            return AttnGroup(q_rows, 1, 1, slice(start + int(begins[0]), start + lens[0]))
         n_max = max(len(b) for b in blocks)
         table = np.full((B, n_max), NULL_BLOCK, dtype=np.int64)  # padding reads the null block
         for i, b in enumerate(blocks):
@@ -140,8 +149,10 @@ class SDPABackend(AttentionBackend):
         lens_a = np.asarray(lens)
         # one block per request (the contiguous cache): read only up to the longest length
         width = int(lens_a.max()) if n_max == 1 else n_max * block_size
-        mask = as_mask(np.arange(width)[None, :] < lens_a[:, None]).view(B, 1, 1, width)
-        return AttnGroup(q_rows, B, 1, (as_tensor(table), width), mask, lens=as_tensor(lens_a))
+        keys = np.arange(width)[None, :]
+        mask = as_mask((keys < lens_a[:, None]) & (keys >= begins[:, None])).view(B, 1, 1, width)
+        return AttnGroup(q_rows, B, 1, (as_tensor(table), width), mask, lens=as_tensor(lens_a),
+                         begins=as_tensor(begins) if window is not None else None)
 
     # ------------------------------------------------------------------ forward
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,

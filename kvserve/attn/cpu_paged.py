@@ -29,12 +29,12 @@ class CPUPagedBackend(SDPABackend):
         qg = self._group_queries(q, g)
         k, v = self.kv.blocks(layer)
         if self.kv.quant is None:
-            return cpu_kernels.paged_decode(qg, k, v, g.kv_read[0], g.lens)
+            return cpu_kernels.paged_decode(qg, k, v, g.kv_read[0], g.lens, g.begins)
         ks, vs = self.kv.scale_blocks(layer)
         r = self.kv.rotation  # K and V stored rotated: rotate q the same way, turn the output back
         if r is not None:
             qg = qg @ r
-        o = cpu_quant_kernels.paged_decode_quant(qg, k, ks, v, vs, g.kv_read[0], g.lens, self.kv.quant.name)
+        o = cpu_quant_kernels.paged_decode_quant(qg, k, ks, v, vs, g.kv_read[0], g.lens, self.kv.quant.name, g.begins)
         return o if r is None else o @ r
 
     @staticmethod

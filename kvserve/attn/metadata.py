@@ -33,6 +33,9 @@ class AttnGroup:
         query c   x x x x . .
         query c+1 x x x x x .
         query c+2 x x x x x x
+
+    Under a sliding window of W positions query p also drops keys 0 .. p - W (W = 3 above: query c+2,
+    at position 5, sees keys 3, 4, 5).
     """
 
     q_rows: torch.Tensor | slice  # rows of the flat [T] batch this group owns
@@ -41,6 +44,7 @@ class AttnGroup:
     kv_read: slice | tuple[torch.Tensor, int]  # slots (a view) or (block table [B, n], width) to gather; see KVCache.read
     mask: torch.Tensor | None = None  # [B, 1, Q, L'] bool (True = attend), L' = keys read; None = all
     lens: torch.Tensor | None = None  # [B] decode groups read through a block table: keys each request sees
+    begins: torch.Tensor | None = None  # [B] with lens, under a sliding window: the first key each one sees
     is_causal: bool = False  # a whole prompt at once: plain causal mask, no tensor needed
 
 

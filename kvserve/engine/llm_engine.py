@@ -89,21 +89,25 @@ def plan_kv_pool(spec: KVSpec, cache: CacheConfig, sched: SchedulerConfig) -> tu
     """(num_blocks including the null block, block_size) for this configuration; raises when one
     max-length sequence cannot fit."""
     if cache.kv_cache == KVCacheMode.CONTIGUOUS:
-        # one max_model_len block per sequence slot, plus the null block
-        return sched.max_num_seqs + 1, sched.max_model_len
+        # one max_model_len block per sequence slot and KV cache group, plus the null block
+        return sched.max_num_seqs * len(spec.groups) + 1, sched.max_model_len
     bs = cache.block_size
     if cache.kv_cache == KVCacheMode.OFF and cache.num_kv_blocks is None and cache.kv_cache_memory is None:
         # scratch space for one step's recompute of every running sequence, nothing more
-        return sched.max_num_seqs * cdiv(sched.max_model_len, bs) + 1, bs
+        return sched.max_num_seqs * spec.blocks_for_tokens(sched.max_model_len, bs) + 1, bs
     if cache.num_kv_blocks is not None:
         num_blocks = cache.num_kv_blocks
     else:
         num_blocks = spec.blocks_for_budget(cache.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY, bs)
-    need = cdiv(sched.max_model_len, bs)
+    # sliding-window groups hold only their window (plus one prompt chunk) of a long sequence
+    chunk = sched.max_num_batched_tokens if sched.enable_chunked_prefill else None
+    need = spec.blocks_for_tokens(sched.max_model_len, bs, chunk)
     if num_blocks - 1 < need:
-        longest = (num_blocks - 1) * bs
+        longest = 0  # the longest sequence that fits (blocks_for_tokens grows with the length)
+        while spec.blocks_for_tokens((longest // bs + 1) * bs, bs, chunk) <= num_blocks - 1:
+            longest += bs
         raise ValueError(
-            f"the KV cache ({num_blocks - 1} blocks of {bs} tokens = {longest} tokens, "
+            f"the KV cache ({num_blocks - 1} blocks of {bs} tokens, "
             f"{format_bytes((num_blocks - 1) * spec.block_bytes(bs))}) cannot hold one sequence of max_model_len="
             f"{sched.max_model_len} tokens ({need} blocks). Raise kv_cache_memory / num_kv_blocks, or set "
             f"max_model_len <= {longest}."

@@ -12,6 +12,13 @@ A request's blocks, in order, hold its tokens in order:
 
     block_table = [5, 9, 2]      block_size = 4
     tokens        0-3  4-7  8-9  (slots 20..23, 36..39, 8..9; slots 10, 11 free for the next tokens)
+
+A sliding-window group (window W) gives back the blocks every later query has slid past: the next
+token, at position c (= tokens computed), sees positions c - W + 1 .. c, so blocks wholly before
+c - W + 1 return to the pool at once and their table entries point at the null block 0. Such a group
+holds at most ceil(W / block_size) + 1 blocks per request however long the request grows:
+
+    W = 6, block_size = 4, c = 13:  table = [0, 9, 2, 7]   (tokens 0-3 dropped; 8..13 visible)
 """
 from __future__ import annotations
 
@@ -19,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvserve.kv.block_pool import BlockPool
-from kvserve.kv.prefix_cache import Node, RadixPrefixCache
+from kvserve.kv.block_pool import NULL_BLOCK, BlockPool
+from kvserve.kv.prefix_cache import BlockId, Node, RadixPrefixCache, flat
 from kvserve.kv.storage import KVCache
 from kvserve.request import Request
 
@@ -46,9 +53,9 @@ class PrefixHit:
     ``blocks`` are shared as they are; ``tail`` is a tree block whose first ``tail_tokens`` tokens
     continue the hit, copied into a block of the request's own when the slots are allocated."""
 
-    blocks: list[int] = field(default_factory=list)
+    blocks: list[BlockId] = field(default_factory=list)  # with several KV cache groups: one id per group each
     node: Node | None = None
-    tail: int | None = None
+    tail: BlockId | None = None
     tail_tokens: int = 0
     num_tokens: int = 0  # tokens covered: len(blocks) * block_size + tail_tokens
 
@@ -60,13 +67,18 @@ class RequestKV:
     tables: list[list[int]]  # per KV cache group
     prefix_node: Node | None = None  # the tree node this request locked
     num_blocks_in_tree: int = 0  # leading blocks already inserted into the prefix tree
+    num_dropped: list[int] = field(default_factory=list)  # per group: leading entries given back (now null)
 
 
 class KVCacheManager:
     def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = False,
-                 storage: KVCache | None = None, num_groups: int = 1, swap_space: int = 0):
-        if enable_prefix_caching and num_groups != 1:
-            raise ValueError("prefix caching over several KV cache groups is not supported yet")
+                 storage: KVCache | None = None, num_groups: int = 1, swap_space: int = 0,
+                 windows: list[int | None] | None = None):
+        if windows is None and storage is not None:
+            windows = [g.spec.window for g in storage.spec.groups]
+        self.windows = windows or [None] * num_groups  # per group: sliding window, or None (full)
+        if len(self.windows) != num_groups:
+            raise ValueError(f"{len(self.windows)} windows for {num_groups} KV cache groups")
         self.pool = pool
         self.block_size = block_size
         self.storage = storage  # the K/V tensors: copy-on-write and swap copies go through it
@@ -77,7 +89,8 @@ class KVCacheManager:
         self.prefix_hits = 0  # of those, tokens found
         # swap preemption: request id -> (CPU copies of K, V, blocks per group)
         self.swap_space = swap_space
-        self._swapped: dict[str, tuple[list[torch.Tensor], int]] = {}  # id -> (CPU copies, blocks per group)
+        # id -> (CPU copies, per group (leading null entries, live blocks))
+        self._swapped: dict[str, tuple[list[torch.Tensor], list[tuple[int, int]]]] = {}
         self.swap_bytes_used = 0
         self.num_swapped_blocks = 0  # blocks currently held in the CPU pool
 
@@ -94,8 +107,25 @@ class KVCacheManager:
     def _kv(self, request_id: str) -> RequestKV:
         kv = self.requests.get(request_id)
         if kv is None:
-            kv = self.requests[request_id] = RequestKV([[] for _ in range(self.num_groups)])
+            kv = self.requests[request_id] = RequestKV([[] for _ in range(self.num_groups)], num_dropped=[0] * self.num_groups)
         return kv
+
+    def _drop_out_of_window(self, request: Request) -> None:
+        """Give back the sliding groups' blocks that no later query can see (see the module docstring)."""
+        kv = self.requests.get(request.request_id)
+        if kv is None:
+            return
+        for g, window in enumerate(self.windows):
+            if window is None:
+                continue
+            first_visible = request.num_computed_tokens - window + 1
+            table = kv.tables[g]
+            end = min(max(0, first_visible) // self.block_size, len(table))
+            if end > kv.num_dropped[g]:
+                dropped = table[kv.num_dropped[g] : end]
+                table[kv.num_dropped[g] : end] = [NULL_BLOCK] * len(dropped)
+                kv.num_dropped[g] = end
+                self.pool.decref(dropped)
 
     # ------------------------------------------------------------------ prefix hits
     def get_computed_blocks(self, request: Request) -> PrefixHit:
@@ -142,6 +172,7 @@ class KVCacheManager:
         cannot hold them (the caller then preempts someone or waits). All or nothing: on None the
         request holds exactly what it held before."""
         if hit is None or not (hit.blocks or hit.tail is not None):
+            self._drop_out_of_window(request)  # first: what it gives back may be what it needs
             need = self.blocks_needed(request, num_new_tokens) * self.num_groups
             new = self._take(need)
             if new is None:
@@ -154,22 +185,24 @@ class KVCacheManager:
         # A prefix hit: protect its blocks from the eviction that making room may need.
         assert not self.block_ids(request.request_id), "a prefix hit is for a request that holds nothing"
         self.prefix_cache.lock(hit.node)
-        if hit.tail is not None:
-            self.pool.incref([hit.tail])
+        tail = [] if hit.tail is None else flat([hit.tail])  # one block per group
+        self.pool.incref(tail)
         need = cdiv(hit.num_tokens + num_new_tokens, self.block_size) - len(hit.blocks)
-        new = self._take(need)
-        if hit.tail is not None:
-            if new is not None:
-                self.storage.copy_block(hit.tail, new[0])
-            self.pool.decref([hit.tail])
+        new = self._take(need * self.num_groups)
+        if new is not None:
+            for g, t in enumerate(tail):  # copy-on-write: each group's tail into its first new block
+                self.storage.copy_block(t, new[g * need])
+        self.pool.decref(tail)
         if new is None:
             self.prefix_cache.unlock(hit.node)
             return None
-        self.pool.incref(hit.blocks)
+        self.pool.incref(flat(hit.blocks))
         kv = self._kv(request.request_id)
-        kv.tables[0] = hit.blocks + new
+        for g in range(self.num_groups):
+            shared = hit.blocks if self.num_groups == 1 else [ids[g] for ids in hit.blocks]
+            kv.tables[g] = shared + new[g * need : (g + 1) * need]
         kv.prefix_node = hit.node
-        return new
+        return new[:need]
 
     def record_hit(self, request: Request, hit: PrefixHit) -> None:
         """Count an admitted request's lookup in the hit rate (tokens asked for, tokens found)."""
@@ -185,11 +218,20 @@ class KVCacheManager:
         kv = self.requests.get(request.request_id)
         if self.prefix_cache is None or kv is None:
             return
-        table = kv.tables[0]
-        n_full = min(request.num_computed_tokens // self.block_size, len(table))
+        ids = self._tree_ids(kv)
+        n_full = min(request.num_computed_tokens // self.block_size, len(ids))
         if n_full > kv.num_blocks_in_tree:
-            self.prefix_cache.insert(request.all_token_ids[: n_full * self.block_size], table[:n_full])
+            self.prefix_cache.insert(request.all_token_ids[: n_full * self.block_size], ids[:n_full])
             kv.num_blocks_in_tree = n_full
+
+    def _tree_ids(self, kv: RequestKV) -> list[BlockId]:
+        """The request's blocks as the tree stores them: ids of the one group, or a tuple per block of
+        every group's ids. Entries a sliding group has given back read as the null block; they were
+        inserted before they left the window (a block is cached as soon as it is full), and the tree
+        refuses to add an entry that names the null block."""
+        if self.num_groups == 1:
+            return kv.tables[0]
+        return list(zip(*kv.tables))
 
     def free(self, request: Request) -> None:
         """Drop the request's references, last block first, so its tail is reused before its head.
@@ -200,14 +242,14 @@ class KVCacheManager:
         if kv is None:
             return
         if self.prefix_cache is not None:
-            table = kv.tables[0]
-            n = min(request.num_computed_tokens, len(table) * self.block_size)
+            ids = self._tree_ids(kv)
+            n = min(request.num_computed_tokens, len(ids) * self.block_size)
             if n:
-                self.prefix_cache.insert(request.all_token_ids[:n], table[: cdiv(n, self.block_size)])
+                self.prefix_cache.insert(request.all_token_ids[:n], ids[: cdiv(n, self.block_size)])
             if kv.prefix_node is not None:
                 self.prefix_cache.unlock(kv.prefix_node)
-        for table in reversed(kv.tables):
-            self.pool.decref(list(reversed(table)))
+        for table, dropped in zip(reversed(kv.tables), reversed(kv.num_dropped)):
+            self.pool.decref(list(reversed(table[dropped:])))
 
     # ------------------------------------------------------------------ swap preemption
     def swap_out(self, request: Request) -> bool:
@@ -216,11 +258,13 @@ class KVCacheManager:
         kv = self.requests.get(request.request_id)
         if kv is None or self.storage is None:
             return False
-        ids = [b for t in kv.tables for b in t]
+        ids = [b for t, d in zip(kv.tables, kv.num_dropped) for b in t[d:]]
         nbytes = len(ids) * self.storage.spec.block_bytes(self.block_size)
         if self.swap_bytes_used + nbytes > self.swap_space:
             return False
-        self._swapped[request.request_id] = (self.storage.copy_out(ids), len(kv.tables[0]))
+        # per group: (leading null entries, live blocks)
+        layout = [(d, len(t) - d) for t, d in zip(kv.tables, kv.num_dropped)]
+        self._swapped[request.request_id] = (self.storage.copy_out(ids), layout)
         self.swap_bytes_used += nbytes
         self.num_swapped_blocks += len(ids)
         self.free(request)
@@ -229,13 +273,17 @@ class KVCacheManager:
     def swap_in(self, request: Request) -> bool:
         """Bring a swapped-out request's blocks back (evicting from the prefix tree if need be, like
         any allocation); False when the pool cannot hold them yet."""
-        data, per = self._swapped[request.request_id]
-        new = self._take(per * self.num_groups)
+        data, layout = self._swapped[request.request_id]
+        new = self._take(sum(live for _, live in layout))
         if new is None:
             return False
         self.storage.copy_in(new, data)
         kv = self._kv(request.request_id)
-        kv.tables = [new[g * per : (g + 1) * per] for g in range(self.num_groups)]
+        kv.tables, at = [], 0
+        for dropped, live in layout:
+            kv.tables.append([NULL_BLOCK] * dropped + new[at : at + live])
+            at += live
+        kv.num_dropped = [dropped for dropped, _ in layout]
         self.drop_swap(request)
         return True
 
@@ -246,7 +294,7 @@ class KVCacheManager:
         """Forget a request's CPU copy (it came back, or finished while swapped out)."""
         entry = self._swapped.pop(request.request_id, None)
         if entry is not None:
-            n = entry[1] * self.num_groups
+            n = sum(live for _, live in entry[1])
             self.swap_bytes_used -= n * self.storage.spec.block_bytes(self.block_size)
             self.num_swapped_blocks -= n
 
@@ -258,8 +306,9 @@ class KVCacheManager:
         for b in tree_blocks:
             holders[b] += 1
         for kv in self.requests.values():
-            for table in kv.tables:
-                for b in table:
+            for table, dropped in zip(kv.tables, kv.num_dropped):
+                assert all(b == NULL_BLOCK for b in table[:dropped]), "a dropped entry still names a block"
+                for b in table[dropped:]:
                     holders[b] += 1
         assert holders == self.pool.ref_cnt, "block ref counts differ from their holders"
         held = sum(1 for h in holders[1:] if h)

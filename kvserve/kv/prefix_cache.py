@@ -17,6 +17,12 @@ length computes one token.
 The tree holds one reference on each of its blocks (from the same BlockPool the requests use), so
 a block is free only when neither the tree nor any request holds it. When the pool runs short,
 unlocked leaves are evicted least recently used first; their parents may become evictable leaves.
+
+A model with several KV cache groups (Gemma 3: sliding-window and full layers) has one block per group
+for each block of tokens: the tree then stores a tuple of ids, one per group, for each block, and a
+hit gives every group its blocks. The tree keeps a sliding group's blocks even after they left a
+running request's window (the request gave its reference back, the tree's stays): so any cached prefix
+is a valid hit for every group, and those blocks count as cached (evictable), not used.
 """
 from __future__ import annotations
 
@@ -25,9 +31,15 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kvserve.kv.block_pool import BlockPool
+from kvserve.kv.block_pool import NULL_BLOCK, BlockPool
 
 Block = tuple[int, ...]  # the block_size token ids of one block (fewer in a partial leaf)
+BlockId = int | tuple[int, ...]  # the pool block holding one Block: one id, or one per KV cache group
+
+
+def flat(ids: list[BlockId]) -> list[int]:
+    """Pool block ids of tree entries (a tuple entry is one block per KV cache group)."""
+    return [b for x in ids for b in (x if isinstance(x, tuple) else (x,))]
 
 
 def _common_prefix(block: Block, tokens: list[int]) -> int:
@@ -42,7 +54,7 @@ def _common_prefix(block: Block, tokens: list[int]) -> int:
 @dataclass(eq=False)
 class Node:
     blocks: list[Block] = field(default_factory=list)  # token ids, one tuple per block
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[BlockId] = field(default_factory=list)
     parent: "Node | None" = None
     children: dict[Block, "Node"] = field(default_factory=dict)  # keyed by the child's first block
     lock_ref: int = 0
@@ -59,7 +71,7 @@ class MatchResult:
 
     __slots__ = ("block_ids", "node", "tail_block", "tail_tokens")
 
-    def __init__(self, block_ids: list[int], node: Node, tail_block: int | None = None, tail_tokens: int = 0):
+    def __init__(self, block_ids: list[BlockId], node: Node, tail_block: BlockId | None = None, tail_tokens: int = 0):
         self.block_ids, self.node = block_ids, node
         self.tail_block, self.tail_tokens = tail_block, tail_tokens
 
@@ -125,7 +137,7 @@ class RadixPrefixCache:
         best.last_access = now
         return MatchResult(ids, node, best.block_ids[0], best_len)
 
-    def insert(self, token_ids: list[int], block_ids: list[int]) -> int:
+    def insert(self, token_ids: list[int], block_ids: list[BlockId]) -> int:
         """Cache the whole blocks of ``token_ids`` (held in ``block_ids``) and, when ``block_ids`` holds
         one more block for the tokens past the last whole one, that partial block as a leaf. Returns
         how many whole blocks were cached already: for those the caller's own copies are duplicates (it
@@ -138,20 +150,25 @@ class RadixPrefixCache:
             step = self._descend(node, blocks, i, now)
             if step is None:
                 cached = i
+                if NULL_BLOCK in flat(block_ids[i : len(blocks)]):
+                    # a sliding group gave these back (and the tree has since evicted its copies): a
+                    # path cannot continue past a hole
+                    return cached
                 node = self._add_child(node, blocks[i:], block_ids[i : len(blocks)], now)
                 break
             node, k = step
             i += k
         n_full = len(blocks)
         partial = tuple(token_ids[n_full * self.block_size :])
-        if partial and len(block_ids) > n_full and len(partial) < self.block_size and partial not in node.children:
+        if (partial and len(block_ids) > n_full and len(partial) < self.block_size and partial not in node.children
+                and NULL_BLOCK not in flat(block_ids[n_full : n_full + 1])):
             self._add_child(node, [partial], [block_ids[n_full]], now)
         return n_full if cached is None else cached
 
-    def _add_child(self, node: Node, blocks: list[Block], block_ids: list[int], now: int) -> Node:
+    def _add_child(self, node: Node, blocks: list[Block], block_ids: list[BlockId], now: int) -> Node:
         new = Node(list(blocks), list(block_ids), node, {}, 0, now)
         node.children[blocks[0]] = new
-        self.pool.incref(new.block_ids)
+        self.pool.incref(flat(new.block_ids))
         self.num_blocks += new.num_blocks
         return new
 
@@ -188,7 +205,7 @@ class RadixPrefixCache:
         while heap and freed < num_blocks:
             _, _, leaf = heapq.heappop(heap)
             before = self.pool.num_free
-            self.pool.decref(leaf.block_ids)
+            self.pool.decref(flat(leaf.block_ids))
             freed += self.pool.num_free - before
             self.num_blocks -= leaf.num_blocks
             self.evicted_blocks += leaf.num_blocks
@@ -202,7 +219,7 @@ class RadixPrefixCache:
         """An unlocked leaf whose blocks only the tree holds: dropping it gives memory back (a running
         request's freshly cached blocks are held by the request too, and stay)."""
         return (node is not self.root and not node.children and node.lock_ref == 0
-                and all(self.pool.ref_cnt[b] == 1 for b in node.block_ids))
+                and all(self.pool.ref_cnt[b] == 1 for b in flat(node.block_ids)))
 
     # ------------------------------------------------------------------ inspection
     def check_integrity(self) -> None:
@@ -217,13 +234,14 @@ class RadixPrefixCache:
                 assert n.num_blocks == 1 and not n.children, "a partial block must be a leaf of its own"
             assert n.parent.children[n.blocks[0]] is n
             assert n.lock_ref >= sum(c.lock_ref for c in n.children.values())
-            for b in n.block_ids:
+            for b in flat(n.block_ids):
                 assert self.pool.ref_cnt[b] >= 1, f"tree block {b} is free in the pool"
             count += n.num_blocks
         assert count == self.num_blocks
 
     def block_ids(self) -> list[int]:
-        return [b for n in self._nodes() for b in n.block_ids]
+        """Every pool block the tree holds (each group's, for a model with several)."""
+        return [b for n in self._nodes() for b in flat(n.block_ids)]
 
     def dump(self, decode: Callable[[list[int]], str] | None = None, width: int = 40) -> str:
         """The tree, one node a line: tokens, blocks, lock count, last access, a text preview."""

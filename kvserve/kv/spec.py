@@ -11,7 +11,8 @@ has one block table per group, all drawn from the one block pool. Groups hold eq
 so that one block id means the same number of bytes in every group (vLLM's hybrid allocator does
 the same): a model with 15 sliding and 3 global layers gets 6 groups of 3.
 
-    KVSpec(groups=[KVCacheGroup(spec=full, layers=(0..29))])      every model today: one group
+    KVSpec(groups=[KVCacheGroup(spec=full, layers=(0..29))])      SmolLM2: one group
+    Gemma 3 270M: 5 groups of 3 sliding layers (window 512) and 1 group of its 3 full layers
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class LayerKVSpec:
     head_dim: int
     dtype: torch.dtype  # K and V as the model computes and reads them (the storage dtype unless quantized)
     attention: AttentionType = AttentionType.FULL
-    window: int | None = None  # sliding layers: tokens kept behind the current one
+    window: int | None = None  # sliding layers: positions a query sees, its own included (HF's sliding_window)
     num_sinks: int = 0  # first tokens a sliding layer keeps too (StreamingLLM's attention sinks)
     # Storage format (``kv.quant``): "int8" | "int4" | "fp8_e4m3" | "fp8_e5m2" codes with one float16
     # scale per token and KV head beside them; None: stored as ``dtype``.
@@ -88,9 +89,20 @@ class KVSpec:
 
     @classmethod
     def from_model(cls, cfg: ModelConfig, dtype: torch.dtype, quant: str | None = None) -> "KVSpec":
-        """Every layer attends to every earlier token: one group of all layers."""
-        layer = LayerKVSpec(cfg.num_kv_heads, cfg.head_dim, dtype, quant=quant)
-        return cls((KVCacheGroup(layer, tuple(range(cfg.num_layers))),))
+        """Layers of one attention type form groups of equal size: the largest size that divides every
+        type's count (Gemma 3 270M: 15 sliding and 3 full layers -> 5 sliding groups and 1 full group
+        of 3 layers; a model whose layers are all full: one group of all of them)."""
+        full = LayerKVSpec(cfg.num_kv_heads, cfg.head_dim, dtype, quant=quant)
+        sliding = None
+        if cfg.sliding_window:
+            sliding = LayerKVSpec(cfg.num_kv_heads, cfg.head_dim, dtype, AttentionType.SLIDING,
+                                  window=cfg.sliding_window, quant=quant)
+        by_type: dict[LayerKVSpec, list[int]] = {}
+        for i in range(cfg.num_layers):
+            by_type.setdefault(sliding if cfg.is_sliding(i) else full, []).append(i)
+        size = math.gcd(*(len(layers) for layers in by_type.values()))
+        return cls(tuple(KVCacheGroup(spec, tuple(layers[j : j + size]))
+                         for spec, layers in by_type.items() for j in range(0, len(layers), size)))
 
     # -- what the groups share (one per-layer shape, equally many layers) -------------------------
     @property
@@ -145,8 +157,10 @@ class KVSpec:
         return sum(len(g.layers) * g.spec.bytes_per_token for g in self.groups)
 
     def formula_bytes(self, seq_len: int, batch: int = 1) -> int:
-        """The seeds' formula: 2 * layers * kv_heads * head_dim * seq * batch * bytes."""
-        return self.bytes_per_token * seq_len * batch
+        """The seeds' formula: 2 * layers * kv_heads * head_dim * seq * batch * bytes, where a sliding
+        layer keeps only its window: min(seq, window) tokens."""
+        return batch * sum(len(g.layers) * g.spec.bytes_per_token * min(seq_len, g.spec.window or seq_len)
+                           for g in self.groups)
 
     def block_bytes(self, block_size: int) -> int:
         """One block of the pool: block_size tokens of one group's layers (groups hold equally many)."""
@@ -158,9 +172,17 @@ class KVSpec:
     def max_tokens_for_budget(self, budget_bytes: int) -> int:
         return budget_bytes // self.bytes_per_token
 
-    def blocks_for_tokens(self, num_tokens: int, block_size: int) -> int:
-        """Blocks one sequence of ``num_tokens`` holds, over all groups (full attention)."""
-        return len(self.groups) * math.ceil(num_tokens / block_size)
+    def blocks_for_tokens(self, num_tokens: int, block_size: int, chunk: int | None = None) -> int:
+        """The most blocks one sequence of ``num_tokens`` holds at once, over all groups, when its tokens
+        are computed ``chunk`` at a time (None: all at once). A full group holds every block; a sliding
+        group gives back what its window has passed (``kv.manager``), so while computing tokens
+        c .. c + n - 1 it holds those of positions c - W + 1 .. c + n - 1: at most
+        ceil((W - 1 + n) / block_size) + 1 blocks."""
+        n_blocks = math.ceil(num_tokens / block_size)
+        chunk = min(chunk or num_tokens, num_tokens)
+        return sum(n_blocks if g.spec.window is None
+                   else min(n_blocks, math.ceil((g.spec.window - 1 + chunk) / block_size) + 1)
+                   for g in self.groups)
 
 
 def format_bytes(n: float) -> str:

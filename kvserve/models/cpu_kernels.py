@@ -117,17 +117,20 @@ static inline v8 load8(const c10::Half* p) {
 // G is a template constant so the G running sums of each inner loop live in registers: every K or V
 // vector is loaded once and used G times.
 template <int G, typename T>
-static void decode_one(const float* q, const T* kp, const T* vp, const int64_t* table, int64_t len, float* out,
-                       int64_t H, int64_t h0, int64_t h1, int64_t D, int64_t bs, float* s, v8* acc, float* m, float* l) {
+static void decode_one(const float* q, const T* kp, const T* vp, const int64_t* table, int64_t begin, int64_t len,
+                       float* out, int64_t H, int64_t h0, int64_t h1, int64_t D, int64_t bs, float* s, v8* acc, float* m,
+                       float* l) {
   const int64_t nd = D / 8, stride = H * D, nh = h1 - h0;  // 8-float chunks per head; floats per token row
   for (int64_t x = 0; x < nh * G; ++x) {
     m[x] = -INFINITY;
     l[x] = 0.f;
     for (int64_t i = 0; i < nd; ++i) acc[x * nd + i] = v8{};
   }
+  // Keys [begin, len): a sliding window starts at block begin / bs, inside it at t0 (blocks before it may
+  // be gone: the null block)
   const int64_t nb = (len + bs - 1) / bs;
-  for (int64_t j = 0; j < nb; ++j) {
-    const int64_t n = std::min(bs, len - j * bs);
+  for (int64_t j = begin / bs; j < nb; ++j) {
+    const int64_t n = std::min(bs, len - j * bs), t0 = j == begin / bs ? begin % bs : 0;
     {  // First load the block's rows back to back with nothing else to do: many cache misses in flight at
        // once, as in a plain memory copy. The arithmetic below then reads from cache. Loading inside the
        // arithmetic left few misses in flight, and memory waited on compute: 12 -> 18 GB/s this way.
@@ -135,7 +138,7 @@ static void decode_one(const float* q, const T* kp, const T* vp, const int64_t* 
       const T* kr = kp + (table[j] * bs * H + h0) * D;
       const T* vr = vp + (table[j] * bs * H + h0) * D;
       const int64_t w = (h1 - h0) * D;
-      for (int64_t t = 0; t < n; ++t)
+      for (int64_t t = t0; t < n; ++t)
         for (int64_t c = 0; c < w; c += 64 / (int64_t)sizeof(T)) sink += load8(kr + t * stride + c) + load8(vr + t * stride + c);
       volatile float keep = hsum(sink);  // keep the loads: their values are not needed, their effect is
       (void)keep;
@@ -151,7 +154,7 @@ static void decode_one(const float* q, const T* kp, const T* vp, const int64_t* 
       float* mh = m + (h - h0) * G;
       float* lh = l + (h - h0) * G;
       v8* ah = acc + (h - h0) * G * nd;
-      for (int64_t t = 0; t < n; ++t) {  // scores s[g * bs + t] = q_g . k_t (q is pre-scaled)
+      for (int64_t t = t0; t < n; ++t) {  // scores s[g * bs + t] = q_g . k_t (q is pre-scaled)
         if (kn)
           for (int64_t c = 0; c < D * (int64_t)sizeof(T); c += 64) {
             __builtin_prefetch(kn + t * stride * (int64_t)sizeof(T) + c);
@@ -169,10 +172,10 @@ static void decode_one(const float* q, const T* kp, const T* vp, const int64_t* 
       for (int g = 0; g < G; ++g) {  // online softmax: rescale what came before to the new maximum
         float* sg = s + g * bs;
         float mx = mh[g];
-        for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sg[t]);
+        for (int64_t t = t0; t < n; ++t) mx = std::max(mx, sg[t]);
         corr[g] = std::exp(mh[g] - mx);  // 0 on the first block (m = -inf)
         float sum = 0.f;
-        for (int64_t t = 0; t < n; ++t) {
+        for (int64_t t = t0; t < n; ++t) {
           sg[t] = exp_nonpositive(sg[t] - mx);
           sum += sg[t];
         }
@@ -182,7 +185,7 @@ static void decode_one(const float* q, const T* kp, const T* vp, const int64_t* 
       for (int64_t i = 0; i < nd; ++i) {  // acc_g += sum_t p_gt v_t, one 8-float chunk of D at a time
         v8 a[G];
         for (int g = 0; g < G; ++g) a[g] = ah[g * nd + i] * corr[g];
-        for (int64_t t = 0; t < n; ++t) {
+        for (int64_t t = t0; t < n; ++t) {
           const v8 v = load8(vb + t * stride + 8 * i);
           for (int g = 0; g < G; ++g) a[g] += s[g * bs + t] * v;
         }
@@ -200,8 +203,8 @@ static void decode_one(const float* q, const T* kp, const T* vp, const int64_t* 
 }
 
 template <int G, typename T>
-static void decode(const float* q, const T* kp, const T* vp, const int64_t* table, const int64_t* lens, float* out,
-                   int64_t B, int64_t H, int64_t D, int64_t bs, int64_t nb) {
+static void decode(const float* q, const T* kp, const T* vp, const int64_t* table, const int64_t* begins,
+                   const int64_t* lens, float* out, int64_t B, int64_t H, int64_t D, int64_t bs, int64_t nb) {
   // Work items: whole requests when there are enough of them to share among the threads (reads stay
   // sequential), else (request, KV head) so that even one request uses every thread. The items are cut
   // into one contiguous run per thread of about equal cost (tokens to read): an even split by count
@@ -212,10 +215,10 @@ static void decode(const float* q, const T* kp, const T* vp, const int64_t* tabl
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, items));
   std::vector<int64_t> start(nt + 1, items);
   int64_t total = 0;
-  for (int64_t b = 0; b < B; ++b) total += lens[b] * per_b;
+  for (int64_t b = 0; b < B; ++b) total += (lens[b] - begins[b]) * per_b;
   start[0] = 0;
   for (int64_t x = 0, done = 0, t = 1; x < items && t < nt; ++x) {
-    done += lens[x / per_b];
+    done += lens[x / per_b] - begins[x / per_b];
     while (t < nt && done * nt >= total * t) start[t++] = x + 1;
   }
   at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
@@ -225,8 +228,8 @@ static void decode(const float* q, const T* kp, const T* vp, const int64_t* tabl
       for (int64_t x = start[t]; x < start[t + 1]; ++x) {
         const int64_t b = x / per_b, h0 = (x % per_b) * hp;
         const int64_t len = std::min(lens[b], nb * bs);  // never past the table
-        decode_one<G, T>(q + (b * H + h0) * G * D, kp, vp, table + b * nb, len, out + (b * H + h0) * G * D,
-                         H, h0, h0 + hp, D, bs, s.data(), acc.data(), m.data(), l.data());
+        decode_one<G, T>(q + (b * H + h0) * G * D, kp, vp, table + b * nb, std::min(begins[b], len - 1), len,
+                         out + (b * H + h0) * G * D, H, h0, h0 + hp, D, bs, s.data(), acc.data(), m.data(), l.data());
       }
   });
 }
@@ -354,23 +357,27 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tenso
 }
 
 // q [B, H, G, D] float32, pre-scaled by 1/sqrt(D); k/v blocks [num_blocks, bs, H, D];
-// block_table [B, nb] int64; lens [B] int64 (>= 1). D a multiple of 8 up to 256, G from 1 to 8.
+// block_table [B, nb] int64; lens [B] int64 (>= 1); begins [B] int64: each request sees keys
+// [begins[b], lens[b]) (0 but under a sliding window). D a multiple of 8 up to 256, G from 1 to 8.
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_blocks, torch::Tensor v_blocks,
-                           torch::Tensor block_table, torch::Tensor lens) {
+                           torch::Tensor block_table, torch::Tensor lens, torch::Tensor begins) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat && q.is_contiguous() && q.dim() == 4, "q: contiguous float32 [B, H, G, D]");
   TORCH_CHECK(k_blocks.is_contiguous() && v_blocks.is_contiguous() && k_blocks.dim() == 4, "k/v blocks: contiguous [N, bs, H, D]");
-  TORCH_CHECK(block_table.scalar_type() == torch::kLong && lens.scalar_type() == torch::kLong, "int64 block table and lens");
+  TORCH_CHECK(block_table.scalar_type() == torch::kLong && lens.scalar_type() == torch::kLong
+              && begins.scalar_type() == torch::kLong && begins.numel() == lens.numel(), "int64 block table, lens and begins");
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3);
   TORCH_CHECK(D % 8 == 0 && D <= 256 && G >= 1 && G <= 8, "head_dim a multiple of 8 up to 256, 1 to 8 query heads per KV head");
   auto table = block_table.contiguous();
   auto n = lens.contiguous();
+  auto first = begins.contiguous();
   auto out = torch::empty_like(q);
   pybind11::gil_scoped_release no_gil;
   auto dispatch = [&](auto* kp) {  // the cache's element type
     using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
     auto run = [&](auto g) {
       decode<decltype(g)::value, T>(q.data_ptr<float>(), k_blocks.data_ptr<T>(), v_blocks.data_ptr<T>(),
-                                    table.data_ptr<int64_t>(), n.data_ptr<int64_t>(), out.data_ptr<float>(),
+                                    table.data_ptr<int64_t>(), first.data_ptr<int64_t>(), n.data_ptr<int64_t>(),
+                                    out.data_ptr<float>(),
                                     B, H, D, k_blocks.size(1), table.size(1));
     };
     with_group(G, run);
@@ -455,19 +462,26 @@ def supports(head_dim: int, group: int) -> bool:
 
 
 def paged_decode(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, block_table: torch.Tensor,
-                 lens: torch.Tensor) -> torch.Tensor:
-    """Decode attention for q ``[B, Hkv, G, D]`` over each request's first ``lens[b]`` cached tokens,
-    read through ``block_table [B, n]`` from one layer's pool ``[num_blocks, block_size, Hkv, D]``."""
+                 lens: torch.Tensor, begins: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention for q ``[B, Hkv, G, D]`` over each request's first ``lens[b]`` cached tokens
+    (from ``begins[b]`` on, under a sliding window), read through ``block_table [B, n]`` from one
+    layer's pool ``[num_blocks, block_size, Hkv, D]``."""
     q_scaled = (q.float() * q.shape[-1] ** -0.5).contiguous()  # the softmax scale, once per query
-    return _load().paged_decode(q_scaled, k_blocks, v_blocks, block_table, lens).to(q.dtype)
+    if begins is None:
+        begins = torch.zeros_like(lens)
+    return _load().paged_decode(q_scaled, k_blocks, v_blocks, block_table, lens, begins).to(q.dtype)
 
 
 def paged_decode_reference(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
-                           block_table: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """The same, in plain PyTorch: gather the blocks, mask past each length, softmax."""
+                           block_table: torch.Tensor, lens: torch.Tensor,
+                           begins: torch.Tensor | None = None) -> torch.Tensor:
+    """The same, in plain PyTorch: gather the blocks, mask outside [begins, lens), softmax."""
     B, n = block_table.shape
     k = k_blocks[block_table].flatten(1, 2).transpose(1, 2).float()  # [B, Hkv, L, D]
     v = v_blocks[block_table].flatten(1, 2).transpose(1, 2).float()
-    visible = torch.arange(k.shape[2], device=q.device)[None, :] < lens[:, None]
+    keys = torch.arange(k.shape[2], device=q.device)[None, :]
+    visible = keys < lens[:, None]
+    if begins is not None:
+        visible &= keys >= begins[:, None]
     out = torch.nn.functional.scaled_dot_product_attention(q.float(), k, v, attn_mask=visible[:, None, None, :])
     return out.to(q.dtype)

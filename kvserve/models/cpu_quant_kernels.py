@@ -161,8 +161,8 @@ struct Item { int64_t b, h0, h1, j0, j1, part; };  // part < 0: the whole reques
 
 // Running state per (head, query head): m, l, and acc (D floats, in the kernel's element order).
 template <int G, int K>
-static void decode_piece(const float* q, const Pool& P, const int64_t* table, int64_t len, int64_t h0, int64_t h1,
-                         int64_t j0, int64_t j1, float* s, float* ksc, float* vsc, float* m, float* l, v8* acc) {
+static void decode_piece(const float* q, const Pool& P, const int64_t* table, int64_t begin, int64_t len, int64_t h0,
+                         int64_t h1, int64_t j0, int64_t j1, float* s, float* ksc, float* vsc, float* m, float* l, v8* acc) {
   using C = Codec<K>;
   const int64_t D = P.D, H = P.H, bs = P.bs, Dcb = P.Dcb, n16 = D / 16, nd = D / 8, nh = h1 - h0;
   const int64_t rs = H * Dcb;  // bytes per token row (all heads)
@@ -171,15 +171,15 @@ static void decode_piece(const float* q, const Pool& P, const int64_t* table, in
     l[x] = 0.f;
     for (int64_t i = 0; i < nd; ++i) acc[x * nd + i] = v8{};
   }
-  for (int64_t j = j0; j < j1; ++j) {
-    const int64_t n = std::min(bs, len - j * bs);
+  for (int64_t j = j0; j < j1; ++j) {  // keys [begin, len): a sliding window starts inside block begin / bs
+    const int64_t n = std::min(bs, len - j * bs), t0 = j == begin / bs ? begin % bs : 0;
     const uint8_t* kblk = P.kc + table[j] * bs * rs;
     const uint8_t* vblk = P.vc + table[j] * bs * rs;
     const uint16_t* ksb = P.ks + table[j] * bs * H;
     const uint16_t* vsb = P.vs + table[j] * bs * H;
     {  // the block's rows for heads [h0, h1), and its scales, loaded back to back: many misses in flight
       unsigned sink = 0;
-      for (int64_t t = 0; t < n; ++t) {
+      for (int64_t t = t0; t < n; ++t) {
         const uintptr_t a = reinterpret_cast<uintptr_t>(kblk + t * rs + h0 * Dcb) & ~uintptr_t(63);
         const uintptr_t e = reinterpret_cast<uintptr_t>(kblk + t * rs + h1 * Dcb);
         const intptr_t dv = vblk - kblk;
@@ -200,7 +200,7 @@ static void decode_piece(const float* q, const Pool& P, const int64_t* table, in
       const uint8_t* vb = vblk + h * Dcb;
       const uint8_t* kn = j + 1 < j1 ? P.kc + table[j + 1] * bs * rs + h * Dcb : nullptr;
       const uint8_t* vn = j + 1 < j1 ? P.vc + table[j + 1] * bs * rs + h * Dcb : nullptr;
-      for (int64_t t = 0; t < n; ++t) {
+      for (int64_t t = t0; t < n; ++t) {
         ksc[t] = half_to_f(ksb[t * H + h]) * C::MUL;
         vsc[t] = half_to_f(vsb[t * H + h]) * C::MUL;
       }
@@ -208,7 +208,7 @@ static void decode_piece(const float* q, const Pool& P, const int64_t* table, in
       float* mh = m + (h - h0) * G;
       float* lh = l + (h - h0) * G;
       v8* ah = acc + (h - h0) * G * nd;
-      for (int64_t t = 0; t < n; ++t) {  // scores s[g * bs + t] = (q_g . code(k_t)) * k_scale_t
+      for (int64_t t = t0; t < n; ++t) {  // scores s[g * bs + t] = (q_g . code(k_t)) * k_scale_t
         if (kn)
           for (int64_t c = 0; c < Dcb; c += 64) {
             __builtin_prefetch(kn + t * rs + c);
@@ -230,10 +230,10 @@ static void decode_piece(const float* q, const Pool& P, const int64_t* table, in
       for (int g = 0; g < G; ++g) {  // online softmax: rescale what came before to the new maximum
         float* sg = s + g * bs;
         float mx = mh[g];
-        for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sg[t]);
+        for (int64_t t = t0; t < n; ++t) mx = std::max(mx, sg[t]);
         corr[g] = std::exp(mh[g] - mx);  // 0 on the first block (m = -inf)
         float sum = 0.f;
-        for (int64_t t = 0; t < n; ++t) {
+        for (int64_t t = t0; t < n; ++t) {
           const float p = exp_nonpositive(sg[t] - mx);
           sum += p;
           sg[t] = p * vsc[t];  // the weight of code(v_t)
@@ -247,7 +247,7 @@ static void decode_piece(const float* q, const Pool& P, const int64_t* table, in
           a0[g] = ah[g * nd + 2 * i] * corr[g];
           a1[g] = ah[g * nd + 2 * i + 1] * corr[g];
         }
-        for (int64_t t = 0; t < n; ++t) {
+        for (int64_t t = t0; t < n; ++t) {
           v8 a, b;
           C::load(vb + t * rs + i * C::BYTES, a, b);
           for (int g = 0; g < G; ++g) {
@@ -265,8 +265,8 @@ static void decode_piece(const float* q, const Pool& P, const int64_t* table, in
 }
 
 template <int G, int K, typename TQ>
-static void decode(const TQ* q, const Pool& P, const int64_t* table, const int64_t* lens, TQ* out,
-                   int64_t B, int64_t nb, float sm_scale) {
+static void decode(const TQ* q, const Pool& P, const int64_t* table, const int64_t* begins, const int64_t* lens,
+                   TQ* out, int64_t B, int64_t nb, float sm_scale) {
   const int64_t H = P.H, D = P.D, bs = P.bs, nd = D / 8;
   const int64_t threads = at::get_num_threads();
   // Items: whole requests when there are enough of them to share among the threads (reads stay
@@ -274,11 +274,12 @@ static void decode(const TQ* q, const Pool& P, const int64_t* table, const int64
   // pieces of whole blocks (each with its own softmax state, merged below), so that one long request,
   // or one KV head (MQA), is not one thread's work while the others wait.
   const int64_t hp = B >= 2 * threads ? H : 1;
-  std::vector<int64_t> len(B);
+  std::vector<int64_t> len(B), first(B);
   int64_t total = 0;
   for (int64_t b = 0; b < B; ++b) {
     len[b] = std::max<int64_t>(0, std::min(lens[b], nb * bs));  // never past the table
-    total += len[b] * (H / hp);
+    first[b] = std::max<int64_t>(0, std::min(begins[b], len[b] - 1));
+    total += (len[b] - first[b]) * (H / hp);
   }
   const int64_t piece = std::max<int64_t>(4, (total / (4 * threads) + bs - 1) / bs);  // blocks per piece
   std::vector<Item> items;
@@ -286,14 +287,16 @@ static void decode(const TQ* q, const Pool& P, const int64_t* table, const int64
   int64_t parts = 0;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h0 = 0; h0 < H; h0 += hp) {
-      const int64_t blocks = (len[b] + bs - 1) / bs;
-      const int64_t np = std::max<int64_t>(1, (blocks + piece - 1) / piece);
+      const int64_t jb = first[b] / bs, blocks = (len[b] + bs - 1) / bs;
+      const int64_t np = std::max<int64_t>(1, (blocks - jb + piece - 1) / piece);
       if (np > 1) { first_part[b * H + h0] = parts; num_parts[b * H + h0] = np; }
       for (int64_t p = 0; p < np; ++p)
-        items.push_back({b, h0, h0 + hp, p * piece, std::min(blocks, (p + 1) * piece), np > 1 ? parts++ : -1});
+        items.push_back({b, h0, h0 + hp, jb + p * piece, std::min(blocks, jb + (p + 1) * piece), np > 1 ? parts++ : -1});
     }
   const int64_t ni = items.size();
-  auto cost = [&](const Item& it) { return (std::min(len[it.b], it.j1 * bs) - it.j0 * bs) * (it.h1 - it.h0) + 1; };
+  auto cost = [&](const Item& it) {
+    return (std::min(len[it.b], it.j1 * bs) - std::max(it.j0 * bs, first[it.b])) * (it.h1 - it.h0) + 1;
+  };
   int64_t tot = 0;
   for (const Item& it : items) tot += cost(it);
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, ni));
@@ -321,7 +324,7 @@ static void decode(const TQ* q, const Pool& P, const int64_t* table, const int64
         const TQ* qi = q + (it.b * H + it.h0) * G * D;
         for (int64_t r = 0; r < nh * G; ++r)  // q scaled, in the kernel's element order
           for (int64_t e = 0; e < D; ++e) qb[r * D + pos<PERM>(e)] = to_f(qi[r * D + e]) * sm_scale;
-        decode_piece<G, K>(qb.data(), P, table + it.b * nb, len[it.b], it.h0, it.h1, it.j0, it.j1,
+        decode_piece<G, K>(qb.data(), P, table + it.b * nb, first[it.b], len[it.b], it.h0, it.h1, it.j0, it.j1,
                            s.data(), ksc.data(), vsc.data(), m.data(), l.data(), acc.data());
         if (it.part < 0) {
           TQ* o = out + (it.b * H + it.h0) * G * D;
@@ -355,11 +358,12 @@ static void decode(const TQ* q, const Pool& P, const int64_t* table, const int64
 }
 
 // q [B, H, G, D] float32 or bfloat16 (not scaled); codes [N, bs, H, Dc] (1 byte each), scales [N, bs, H]
-// float16; block_table [B, nb] int64; lens [B] int64. kind: 0 int8, 1 int4, 2 fp8 e4m3, 3 fp8 e5m2.
+// float16; block_table [B, nb] int64; lens, begins [B] int64: request b sees keys [begins[b], lens[b]).
+// kind: 0 int8, 1 int4, 2 fp8 e4m3, 3 fp8 e5m2.
 // D a multiple of 16 up to 512, G from 1 to 8. Returns [B, H, G, D] in q's dtype.
 torch::Tensor paged_decode_quant(torch::Tensor q, torch::Tensor k_codes, torch::Tensor k_scales, torch::Tensor v_codes,
-                                 torch::Tensor v_scales, torch::Tensor block_table, torch::Tensor lens, int64_t kind,
-                                 double sm_scale) {
+                                 torch::Tensor v_scales, torch::Tensor block_table, torch::Tensor lens,
+                                 torch::Tensor begins, int64_t kind, double sm_scale) {
   TORCH_CHECK(q.is_contiguous() && q.dim() == 4 && (q.scalar_type() == torch::kFloat || q.scalar_type() == torch::kBFloat16),
               "q: contiguous float32 or bfloat16 [B, H, G, D]");
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3);
@@ -373,9 +377,11 @@ torch::Tensor paged_decode_quant(torch::Tensor q, torch::Tensor k_codes, torch::
     TORCH_CHECK(s.is_contiguous() && s.scalar_type() == torch::kHalf && s.dim() == 3 && s.size(0) == k_codes.size(0)
                 && s.size(1) == k_codes.size(1) && s.size(2) == H, "k/v scales: contiguous float16 [N, bs, H]");
   TORCH_CHECK(block_table.scalar_type() == torch::kLong && lens.scalar_type() == torch::kLong && block_table.dim() == 2
-              && block_table.size(0) == B && lens.numel() == B, "int64 block table [B, n] and lens [B]");
+              && block_table.size(0) == B && lens.numel() == B && begins.scalar_type() == torch::kLong
+              && begins.numel() == B, "int64 block table [B, n], lens and begins [B]");
   auto table = block_table.contiguous();
   auto n = lens.contiguous();
+  auto bg = begins.contiguous();
   auto out = torch::empty_like(q);
   const Pool P{static_cast<const uint8_t*>(k_codes.data_ptr()), static_cast<const uint8_t*>(v_codes.data_ptr()),
                static_cast<const uint16_t*>(k_scales.data_ptr()), static_cast<const uint16_t*>(v_scales.data_ptr()),
@@ -386,10 +392,10 @@ torch::Tensor paged_decode_quant(torch::Tensor q, torch::Tensor k_codes, torch::
     auto run = [&](auto g) {
       constexpr int GG = decltype(g)::value;
       if (q.scalar_type() == torch::kFloat)
-        decode<GG, K, float>(q.data_ptr<float>(), P, table.data_ptr<int64_t>(), n.data_ptr<int64_t>(), out.data_ptr<float>(),
+        decode<GG, K, float>(q.data_ptr<float>(), P, table.data_ptr<int64_t>(), bg.data_ptr<int64_t>(), n.data_ptr<int64_t>(), out.data_ptr<float>(),
                              B, table.size(1), (float)sm_scale);
       else
-        decode<GG, K, c10::BFloat16>(q.data_ptr<c10::BFloat16>(), P, table.data_ptr<int64_t>(), n.data_ptr<int64_t>(),
+        decode<GG, K, c10::BFloat16>(q.data_ptr<c10::BFloat16>(), P, table.data_ptr<int64_t>(), bg.data_ptr<int64_t>(), n.data_ptr<int64_t>(),
                                      out.data_ptr<c10::BFloat16>(), B, table.size(1), (float)sm_scale);
     };
     with_group(G, run);
@@ -492,28 +498,35 @@ def supports_quant(head_dim: int, group: int, kind: str) -> bool:
 
 
 def paged_decode_quant(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor,
-                       v_scales: torch.Tensor, block_table: torch.Tensor, lens: torch.Tensor, kind: str) -> torch.Tensor:
+                       v_scales: torch.Tensor, block_table: torch.Tensor, lens: torch.Tensor, kind: str,
+                       begins: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention for q ``[B, Hkv, G, D]`` (fp32 or bf16) over each request's first ``lens[b]``
     cached tokens, read through ``block_table [B, n]`` from one layer's quantized pool: codes
     ``[num_blocks, block_size, Hkv, Dc]``, scales ``[num_blocks, block_size, Hkv]`` float16.
-    Returns ``[B, Hkv, G, D]`` in q's dtype. ``kind`` must match the codes' dtype."""
+    Returns ``[B, Hkv, G, D]`` in q's dtype. ``kind`` must match the codes' dtype. ``begins[b]``: the
+    first key request b sees (a sliding window; None: 0)."""
     fmt = kv_quant(kind)
     if k_codes.dtype != fmt.code_dtype or v_codes.dtype != fmt.code_dtype:
         raise TypeError(f"{kind} codes are {fmt.code_dtype}, got {k_codes.dtype} / {v_codes.dtype}")
+    if begins is None:
+        begins = torch.zeros_like(lens)
     return _load().paged_decode_quant(q.contiguous(), k_codes, k_scales, v_codes, v_scales, block_table, lens,
-                                      KINDS.index(fmt.name), q.shape[-1] ** -0.5)
+                                      begins, KINDS.index(fmt.name), q.shape[-1] ** -0.5)
 
 
 def paged_decode_quant_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor,
                                  v_codes: torch.Tensor, v_scales: torch.Tensor, block_table: torch.Tensor,
-                                 lens: torch.Tensor, kind: str) -> torch.Tensor:
-    """The same in plain PyTorch (any device): gather the blocks, dequantize them to fp32, mask past
-    each length, softmax; as ``cpu_kernels.paged_decode_reference`` on the dequantized pool."""
+                                 lens: torch.Tensor, kind: str, begins: torch.Tensor | None = None) -> torch.Tensor:
+    """The same in plain PyTorch (any device): gather the blocks, dequantize them to fp32, mask outside
+    [begins, lens), softmax; as ``cpu_kernels.paged_decode_reference`` on the dequantized pool."""
     fmt = kv_quant(kind)
     assert k_codes.dtype == fmt.code_dtype and v_codes.dtype == fmt.code_dtype, (kind, k_codes.dtype)
     k = dequantize(k_codes[block_table], k_scales[block_table]).flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
     v = dequantize(v_codes[block_table], v_scales[block_table]).flatten(1, 2).transpose(1, 2)
-    visible = torch.arange(k.shape[2], device=q.device)[None, :] < lens[:, None]
+    keys = torch.arange(k.shape[2], device=q.device)[None, :]
+    visible = keys < lens[:, None]
+    if begins is not None:
+        visible &= keys >= begins[:, None]
     out = torch.nn.functional.scaled_dot_product_attention(q.float(), k, v, attn_mask=visible[:, None, None, :])
     return out.to(q.dtype)
 

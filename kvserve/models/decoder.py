@@ -1,4 +1,7 @@
-"""One decoder for the Llama family: RMSNorm, RoPE, GQA/MQA attention, SwiGLU MLP, tied embeddings.
+"""One decoder for the Llama family and Gemma 3: RMSNorm, RoPE, GQA/MQA attention, a gated MLP, tied
+embeddings. Gemma 3 differs in a few switches of ``ModelConfig`` (QK-norm, norms after attention and
+MLP too, GeLU-tanh, scaled embeddings, sliding-window layers with their own RoPE base); the sliding
+window itself is the KV cache's and the attention backend's business (``kv.spec``, ``attn``).
 
 ``forward`` takes a ForwardBatch (a flat list of new tokens from any number of requests, prompt
 chunks and decodes mixed) and the attention backend, which owns the KV cache; the same code runs
@@ -13,7 +16,7 @@ import torch
 
 from kvserve.attn import AttentionBackend, ForwardBatch
 from kvserve.config import ModelConfig
-from kvserve.models.layers import Linear, Rotary, add_rms_norm, rms_norm, silu_and_mul
+from kvserve.models.layers import Linear, Rotary, add_rms_norm, gelu_tanh_and_mul, rms_norm, silu_and_mul
 
 
 @dataclass
@@ -24,6 +27,11 @@ class DecoderLayer:
     post_attn_norm: torch.Tensor
     gate_up_proj: Linear  # [2 * intermediate, hidden]
     down_proj: Linear
+    # Gemma 3: RMSNorm of each head's q and k [head_dim], and of the attention / MLP outputs [hidden]
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None
+    mlp_out_norm: torch.Tensor | None = None
 
 
 class Decoder:
@@ -68,12 +76,22 @@ class Decoder:
                     post_attn_norm=dev(w("post_attn_norm")),
                     gate_up_proj=lin(fused("gate_up_proj", ("gate_proj", "up_proj"))),
                     down_proj=lin(w("down_proj"), down_q),
+                    **{n: dev(w(n)) for n in ("q_norm", "k_norm") if cfg.qk_norm},
+                    **{n: dev(w(n)) for n in ("attn_out_norm", "mlp_out_norm") if cfg.sandwich_norms},
                 )
             )
         self.embed = dev(weights["embed"])
         self.norm = dev(weights["norm"])
         self.lm_head = lin(weights["lm_head"] if "lm_head" in weights else weights["embed"])
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, max_positions or cfg.max_position_embeddings, dtype, self.device)
+        n_pos = max_positions or cfg.max_position_embeddings
+        rotary = Rotary(cfg.head_dim, cfg.rope_theta, n_pos, dtype, self.device)
+        local = rotary
+        if cfg.rope_local_theta is not None and cfg.rope_local_theta != cfg.rope_theta:
+            local = Rotary(cfg.head_dim, cfg.rope_local_theta, n_pos, dtype, self.device)
+        self.rotary = [local if cfg.is_sliding(i) else rotary for i in range(cfg.num_layers)]  # per layer
+        self.act_and_mul = gelu_tanh_and_mul if cfg.hidden_act == "gelu_tanh" else silu_and_mul
+        # HF multiplies by sqrt(hidden) rounded to the model dtype
+        self.embed_scale = torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype) if cfg.scale_embeddings else None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
@@ -81,22 +99,35 @@ class Decoder:
         cfg = self.cfg
         T = batch.num_tokens
         h = self.embed[batch.input_ids]  # [T, hidden]: the residual stream
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
         qk_size = cfg.q_size + cfg.kv_size
+        eps = cfg.rms_norm_eps
         mlp_out = None
         for i, layer in enumerate(self.layers):
             # each sublayer's residual add is fused with the norm that follows it
             if mlp_out is None:
-                x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
+                x = rms_norm(h, layer.input_norm, eps)
             else:
-                x = add_rms_norm(h, mlp_out, layer.input_norm, cfg.rms_norm_eps)
+                x = add_rms_norm(h, mlp_out, layer.input_norm, eps)
             qkv = layer.qkv_proj(x)
             # q and k sit side by side in qkv: rotate them as one [T, Hq + Hkv, D] tensor (half the ops)
-            qk = self.rotary.rotate_(qkv[:, :qk_size].view(T, -1, cfg.head_dim), batch.positions)
+            qk = qkv[:, :qk_size].view(T, -1, cfg.head_dim)
+            if layer.q_norm is not None:  # QK-norm: each head's q and k normalized before RoPE
+                D, H = cfg.head_dim, cfg.num_heads
+                qk = torch.cat((rms_norm(qk[:, :H].reshape(-1, D), layer.q_norm, eps).view(T, H, D),
+                                rms_norm(qk[:, H:].reshape(-1, D), layer.k_norm, eps).view(T, -1, D)), dim=1)
+            qk = self.rotary[i].rotate_(qk, batch.positions)
             q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
             v = qkv[:, qk_size:].view(T, cfg.num_kv_heads, cfg.head_dim)
             o = attn.forward(q, k, v, i, batch.attn)
-            x = add_rms_norm(h, layer.o_proj(o.reshape(T, cfg.q_size)), layer.post_attn_norm, cfg.rms_norm_eps)
-            mlp_out = layer.down_proj(silu_and_mul(layer.gate_up_proj(x)))
+            attn_out = layer.o_proj(o.reshape(T, cfg.q_size))
+            if layer.attn_out_norm is not None:
+                attn_out = rms_norm(attn_out, layer.attn_out_norm, eps)
+            x = add_rms_norm(h, attn_out, layer.post_attn_norm, eps)
+            mlp_out = layer.down_proj(self.act_and_mul(layer.gate_up_proj(x)))
+            if layer.mlp_out_norm is not None:
+                mlp_out = rms_norm(mlp_out, layer.mlp_out_norm, eps)
         h = h + mlp_out
         # Only rows that sample need the final norm and the (large) LM head.
         return rms_norm(h[batch.logits_idx], self.norm, cfg.rms_norm_eps)

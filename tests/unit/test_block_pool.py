@@ -133,3 +133,31 @@ class PoolMachine(RuleBasedStateMachine):
 
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_sliding_group_gives_back_blocks_the_window_has_passed():
+    """Two groups (full, window 6) with block_size 4: as a request grows, the sliding group's blocks
+    wholly before c - W + 1 (c = tokens computed) go back to the pool and read as the null block 0;
+    the full group keeps everything. Freeing the request returns exactly the live blocks."""
+    pool = BlockPool(40)
+    m = KVCacheManager(pool, block_size=4, num_groups=2, windows=[None, 6])
+    r = req(10)
+    assert m.allocate_slots(r, 10) is not None  # tokens 0-9: 3 blocks per group
+    r.num_computed_tokens = 10
+    full, sliding = m.block_tables("r")
+    assert len(full) == len(sliding) == 3 and 0 not in sliding
+    for c in range(10, 40):  # decode one token at a time
+        assert m.allocate_slots(r, 1) is not None
+        full, sliding = m.block_tables("r")
+        first_visible = c - 6 + 1  # the query at position c sees c-5 .. c
+        assert all(b == 0 for b in sliding[: first_visible // 4])
+        assert all(b != 0 for b in sliding[first_visible // 4 :])
+        assert sum(b != 0 for b in sliding) <= -(-6 // 4) + 1  # ceil(W / bs) + 1
+        assert len(full) == len(sliding) == c // 4 + 1 and 0 not in full
+        m.check_integrity()
+        r.num_computed_tokens = c + 1
+    held = pool.num_used
+    assert held == len(full) + sum(b != 0 for b in sliding)
+    m.free(r)
+    assert pool.num_used == 0
+    m.check_integrity()

@@ -55,6 +55,23 @@ def test_bf16_cache():
                                atol=2e-2, rtol=2e-2)
 
 
+
+@pytest.mark.parametrize("B,Hkv,G,D,bs", [(1, 1, 4, 256, 16), (6, 3, 3, 64, 16), (4, 1, 4, 256, 8)])
+def test_sliding_window_sees_keys_from_begin(B, Hkv, G, D, bs):
+    """Each request sees keys [begins, lens) (a sliding window): equal to the masked reference, and the
+    blocks wholly before the window are never read (NaN there changes nothing), so they may be freed."""
+    q, k, v, table, lens = random_case(B * 7 + bs, B, Hkv, G, D, bs, num_blocks=64, dtype=torch.float32)
+    g = torch.Generator().manual_seed(B)
+    begins = (torch.rand(B, generator=g) * lens).long()
+    begins[0] = max(0, int(lens[0]) - 2 * bs + 3)  # one starting inside a block past the first
+    out = cpu_kernels.paged_decode(q, k, v, table, lens, begins)
+    torch.testing.assert_close(out, cpu_kernels.paged_decode_reference(q, k, v, table, lens, begins), atol=2e-5, rtol=1e-4)
+    for b in range(B):
+        for j in range(int(begins[b]) // bs):
+            k[table[b, j]] = float("nan")
+            v[table[b, j]] = float("nan")
+    torch.testing.assert_close(cpu_kernels.paged_decode(q, k, v, table, lens, begins), out)
+
 # ---- the per-token ops: each C++ pass against the PyTorch lines it replaces (layers.py's slow path) ----
 
 def test_rms_norm_and_fused_residual_add():

@@ -110,3 +110,21 @@ def test_quantize_write_refuses_a_slot_out_of_range():
     scales = torch.zeros(10, 2, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="slot out of range"):
         cpu_quant_kernels.quantize_write(torch.randn(1, 2, 64), codes, scales, torch.tensor([10]), "int8")
+
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("B,Hkv,G,D,bs", [(1, 1, 4, 256, 16), (6, 3, 3, 64, 16)])
+def test_quant_decode_sliding_window(kind, B, Hkv, G, D, bs):
+    """Keys [begins, lens) only, as in the unquantized kernel; blocks wholly before begins are not read."""
+    q, kc, ks, vc, vs, table, lens = quant_case(B + bs + D, kind, B, Hkv, G, D, bs)
+    begins = (lens * torch.tensor([0.1, 0.5, 0.9, 0.0, 0.7, 0.3])[:B]).long()
+    begins[0] = max(0, int(lens[0]) - bs - 5)
+    out = paged_decode_quant(q, kc, ks, vc, vs, table, lens, kind, begins)
+    ref = paged_decode_quant_reference(q, kc, ks, vc, vs, table, lens, kind, begins)
+    torch.testing.assert_close(out, ref, atol=3e-5, rtol=1e-4)
+    for b in range(B):
+        for j in range(int(begins[b]) // bs):
+            ks[table[b, j]] = float("nan")
+            vs[table[b, j]] = float("nan")
+    torch.testing.assert_close(paged_decode_quant(q, kc, ks, vc, vs, table, lens, kind, begins), out)

@@ -215,3 +215,24 @@ def test_random_insert_match_evict_against_naive_reference(inserts, evictions, q
     best = max((len(p) for p in reference if list(p) == query[: len(p)]), default=0)
     assert len(got) * BS == best if not evicted else len(got) * BS <= best
     assert pool.num_free + tree.num_blocks == pool.num_usable
+
+
+def test_tuple_entries_for_several_kv_cache_groups():
+    """With two KV cache groups each block of tokens has one pool block per group: the tree stores the
+    pair, holds a reference on both, evicts both, and refuses to add an entry naming the null block
+    (a block a sliding group gave back)."""
+    pool, tree = cache(20)
+    ids = pool.allocate(6)
+    pairs = [(ids[0], ids[3]), (ids[1], ids[4]), (ids[2], ids[5])]
+    tree.insert([1, 2, 3, 4, 5, 6], pairs)
+    pool.decref(ids)
+    assert tree.match_prefix([1, 2, 3, 4, 9]).block_ids == pairs[:2]
+    assert sorted(tree.block_ids()) == sorted(ids) and all(pool.ref_cnt[b] == 1 for b in ids)
+    tree.check_integrity()
+    # a path that would continue past a hole is not added
+    more = pool.allocate(2)
+    assert tree.insert([7, 8, 9, 10], [(0, more[0]), (more[1], 0)]) == 0
+    assert tree.match_prefix([7, 8]).block_ids == [] and pool.ref_cnt[more[0]] == 1
+    pool.decref(more)
+    assert tree.evict(3) == 6 and pool.num_used == 0
+    tree.check_integrity()
