@@ -4,7 +4,8 @@ transformers and llama.cpp.
 
 1. Memory. One request with an 8,192-token prompt (``pydoc_data.topics``), prefilled in 512-token
    chunks, then decoding. After every step: tokens in the cache and the KV bytes its blocks hold
-   (``kv_bytes_in_use``). Twice: as the engine runs (each sliding group gives back the blocks its
+   (``kv_bytes_in_use``); rows at the end of the prefill chunks (a sliding group still holds the blocks
+   the chunk's first queries see) and at the last decode step. Twice: as the engine runs (each sliding group gives back the blocks its
    512-token window has passed), and with the giving-back turned off (every group keeps every block:
    a full-attention cache of the same model; attention still masks the window, so the tokens are the
    same). llama.cpp allocates its cache when the context is created, for ``n_ctx`` cells: its sizes are
@@ -162,6 +163,11 @@ def main() -> None:
             llama[label] = llama_kv_bytes(args.llama_python, args.length + args.new_tokens, swa_full)
     mib = lambda b: f"{b / 2**20:.1f}" if b is not None else "-"  # noqa: E731
     rows = [[n, mib(ours[n]), mib(full[n]), f"{ours[n] / full[n]:.3f}x"] + [mib(v) for v in llama.values()] for n in marks]
+    # the last step: decoding past the prompt (the prefill rows above include the chunk in flight, whose
+    # queries still need up to 511 older positions: a sliding group then holds W + 512 tokens' blocks)
+    (n_end, ours_end), (_, full_end) = curves["sliding"][-1], curves["full"][-1]
+    rows.append([f"{n_end} (decoding)", mib(ours_end), mib(full_end), f"{ours_end / full_end:.3f}x"]
+                + [mib(v) for v in llama.values()])
     print(format_table(["tokens", "kvserve MiB", "full attention MiB", "ratio"] + [f"{k} MiB" for k in llama], rows))
 
     # speed
@@ -181,6 +187,8 @@ def main() -> None:
                                "settings": settings_of(args), "cpu": info, "model": MODEL, "dtype": str(dtype),
                                "memory": {k: [list(x) for x in v] for k, v in curves.items()},
                                "memory_at": {str(n): {"kvserve": ours[n], "full_attention": full[n]} for n in marks},
+                               "memory_decoding": {"tokens": n_end, "kvserve": ours_end, "full_attention": full_end,
+                                                   "ratio": ours_end / full_end},
                                "llama_cpp_kv_bytes": llama, "speed": speed,
                                "seconds": time.perf_counter() - t_start})
     plt = pyplot()
