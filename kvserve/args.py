@@ -39,6 +39,9 @@ class EngineArgs:
     enable_prefix_caching: bool | None = None  # None: on for paged, off otherwise
     preemption_mode: str = "recompute"  # recompute | swap
     swap_space: str | int = "2GiB"  # CPU pool for swapped-out blocks
+    kv_cache_policy: str = "full"  # full | sink_window (StreamingLLM: sinks + the last sink_window tokens)
+    num_sink_tokens: int = 4
+    sink_window: int | None = None
     max_model_len: int | None = None  # None: the model's context length
     max_num_seqs: int = 16  # sequences running at once
     max_num_batched_tokens: int = 512  # tokens in one forward
@@ -56,7 +59,8 @@ class EngineArgs:
             num_kv_blocks=self.num_kv_blocks,
             kv_cache_dtype=None if self.kv_cache_dtype == "auto" else self.kv_cache_dtype,
             enable_prefix_caching=self.enable_prefix_caching, preemption_mode=self.preemption_mode,
-            swap_space=self.swap_space)
+            swap_space=self.swap_space, kv_cache_policy=self.kv_cache_policy, num_sink_tokens=self.num_sink_tokens,
+            sink_window=self.sink_window)
         # max_model_len None: the engine fills in the model's context length once it has read the model
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                                 max_model_len=self.max_model_len or 1,
@@ -105,6 +109,11 @@ class EngineArgs:
             help="when the cache is full: drop the newest request's KV and recompute it, or swap it to a CPU "
                  "pool (default: %(default)s)")
         add("swap_space", help="CPU pool for swapped blocks (default: %(default)s)")
+        add("kv_cache_policy", choices=("full", "sink_window"),
+            help="sink_window: keep the first --num-sink-tokens and the last --sink-window tokens, so generation "
+                 "runs past max_model_len in bounded memory (StreamingLLM) (default: %(default)s)")
+        add("num_sink_tokens", type=int, help="attention sinks kept by sink_window (default: %(default)s)")
+        add("sink_window", type=int, help="recent tokens kept by sink_window")
         add("max_model_len", type=int, help="default: the model's context length")
         add("max_num_seqs", type=int, help="sequences running at once (default: %(default)s)")
         add("max_num_batched_tokens", type=int, help="tokens in one forward (default: %(default)s)")

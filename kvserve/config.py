@@ -151,6 +151,12 @@ class CacheConfig:
     enable_prefix_caching: bool | None = None  # default: on for paged, off otherwise
     preemption_mode: PreemptionMode | str = PreemptionMode.RECOMPUTE
     swap_space: int | str = "2GiB"
+    # "full": a request keeps every token's K/V. "sink_window" (StreamingLLM): keep the first
+    # num_sink_tokens tokens (rounded up to whole blocks) and the last sink_window, drop the blocks in
+    # between as they leave the window, and count positions within the cache (kv.manager)
+    kv_cache_policy: str = "full"
+    num_sink_tokens: int = 4
+    sink_window: int | None = None
 
     def __post_init__(self) -> None:
         self.kv_cache = _enum(KVCacheMode, "kv_cache", self.kv_cache)
@@ -170,6 +176,23 @@ class CacheConfig:
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
         self.swap_space = parse_bytes(self.swap_space)
+        if self.kv_cache_policy not in ("full", "sink_window"):
+            raise ValueError(f"kv_cache_policy must be 'full' or 'sink_window', got {self.kv_cache_policy!r}")
+        if self.kv_cache_policy == "sink_window":
+            if self.kv_cache != KVCacheMode.PAGED:
+                raise ValueError("kv_cache_policy='sink_window' needs kv_cache='paged'")
+            if self.sink_window is None or self.sink_window < self.block_size:
+                raise ValueError(f"kv_cache_policy='sink_window' needs sink_window >= block_size ({self.block_size}), "
+                                 f"got {self.sink_window}")
+            if self.num_sink_tokens < 0:
+                raise ValueError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
+            if self.kv_cache_dtype != "auto":
+                raise ValueError("kv_cache_policy='sink_window' re-rotates cached keys: it needs an unquantized "
+                                 "cache (kv_cache_dtype='auto')")
+            if self.enable_prefix_caching:
+                raise ValueError("kv_cache_policy='sink_window' moves cached keys to new positions: "
+                                 "turn prefix caching off")
+            self.enable_prefix_caching = False
         if self.enable_prefix_caching is None:
             self.enable_prefix_caching = self.kv_cache == KVCacheMode.PAGED
         if self.enable_prefix_caching and self.kv_cache != KVCacheMode.PAGED:

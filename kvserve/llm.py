@@ -38,6 +38,9 @@ class LLM:
         enable_prefix_caching: bool | None = None,
         preemption_mode: str = "recompute",
         swap_space: str | int = "2GiB",
+        kv_cache_policy: str = "full",
+        num_sink_tokens: int = 4,
+        sink_window: int | None = None,
         max_model_len: int | None = None,
         max_num_seqs: int = 16,
         max_num_batched_tokens: int = 512,
@@ -48,7 +51,8 @@ class LLM:
             model=model, dtype=dtype, device=device, quantization=quantization, kv_cache=kv_cache,
             block_size=block_size, kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks,
             kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching,
-            preemption_mode=preemption_mode, swap_space=swap_space, max_model_len=max_model_len,
+            preemption_mode=preemption_mode, swap_space=swap_space, kv_cache_policy=kv_cache_policy,
+            num_sink_tokens=num_sink_tokens, sink_window=sink_window, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=enable_chunked_prefill, seed=seed)
         self.engine = LLMEngine(self.engine_args.create_engine_config())

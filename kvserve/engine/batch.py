@@ -18,6 +18,7 @@ class ScheduledSeq:
     block_tables: list[list[int]]  # per KV cache group: the request's blocks, in token order
     sample: bool  # the step reaches the end of the known tokens, so a token is sampled
     all_logits: bool = False  # every row gives logits, not only a sampling last one (prompt_logprobs)
+    position_offset: int = 0  # sink_window: text position - cache position (tokens dropped from the middle)
 
     @property
     def num_new_tokens(self) -> int:
@@ -28,6 +29,8 @@ class ScheduledSeq:
 class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)  # ids of the requests preempted this step
+    # sink_window: (block ids, delta) whose cached keys move down delta positions before the forward
+    position_shifts: list[tuple[list[int], int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:

@@ -141,9 +141,21 @@ class LLMEngine:
         self.kv_spec = KVSpec.from_model(cfg, self.dtype, resolve_kv_dtype(cache.kv_cache_dtype, self.dtype))
         num_blocks, block_size = plan_kv_pool(self.kv_spec, cache, sched)
         self.kv_cache = KVCache(self.kv_spec, num_blocks, block_size, self.device)
+        self.sink_policy = cache.kv_cache_policy == "sink_window"
+        sink = None
+        if self.sink_policy:
+            sink = (cdiv(cache.num_sink_tokens, block_size), cache.sink_window)
+            # positions count within the cache: at most the sinks, the window (from the start of its
+            # block) and one step's tokens; they must stay inside the RoPE table of max_model_len
+            longest = sink[0] * block_size + cache.sink_window + block_size + sched.max_num_batched_tokens
+            if longest > max_len:
+                raise ValueError(f"kv_cache_policy='sink_window': sinks ({sink[0]} blocks) + sink_window "
+                                 f"({cache.sink_window}) + a block + max_num_batched_tokens "
+                                 f"({sched.max_num_batched_tokens}) = {longest} cache positions must fit "
+                                 f"max_model_len={max_len}")
         self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size, bool(cache.enable_prefix_caching),
                                          storage=self.kv_cache, num_groups=len(self.kv_spec.groups),
-                                         swap_space=cache.swap_space)
+                                         swap_space=cache.swap_space, sink_window=sink)
         self.scheduler = Scheduler(sched, cache, self.kv_manager)
         self.attn_backend = select_backend(self.kv_cache, cfg.num_heads)
         eos = set(cfg.eos_token_ids)
@@ -183,7 +195,7 @@ class LLMEngine:
             raise ValueError("the prompt is empty: it must hold at least one token")
         if any(not 0 <= t < self.model_config.vocab_size for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
-        if len(ids) >= self.max_model_len:
+        if len(ids) >= self.max_model_len and not self.sink_policy:
             raise ValueError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
                 f"{len(ids)} input tokens. Please reduce the length of the input messages."
@@ -307,8 +319,8 @@ class LLMEngine:
                 req.text, reason, req.stop_reason = req.text[:i], "stop", s
         if reason is None and p.max_tokens is not None and n_out >= p.max_tokens:
             reason = "length"
-        if reason is None and req.num_tokens >= self.max_model_len:
-            reason = "length"
+        if reason is None and req.num_tokens >= self.max_model_len and not self.sink_policy:
+            reason = "length"  # (sink_window: the cache never holds more than sinks + window + a chunk)
         if reason is not None:
             req.finished_time = time.monotonic()
             self.scheduler.finish(req, reason)

@@ -26,9 +26,10 @@ class ModelRunner:
         t = 0
         for s in out.seqs:
             n = s.num_new_tokens
+            start = s.start - s.position_offset  # in the cache (sink_window drops tokens from the middle)
             ids.append(np.asarray(s.token_ids, dtype=np.int64))
-            pos.append(np.arange(s.start, s.start + n))
-            spans.append(SeqSpan(s.start, n, [np.asarray(b, dtype=np.int64) for b in s.block_tables]))
+            pos.append(np.arange(start, start + n))
+            spans.append(SeqSpan(start, n, [np.asarray(b, dtype=np.int64) for b in s.block_tables]))
             if s.all_logits:
                 logits_idx.extend(range(t, t + n))
             elif s.sample:
@@ -46,6 +47,8 @@ class ModelRunner:
         """Run one step; the fp32 logits [R, vocab]: in step order, all rows of a sequence with
         ``all_logits``, else the last row of one that samples (None when no row has logits: every
         request ran a prompt chunk short of its end)."""
+        for block_ids, delta in out.position_shifts:  # sink_window: kept keys move down in position
+            self.model.shift_keys(self.attn.kv, block_ids, delta)
         batch = self.prepare(out)
         hidden = self.model.forward(batch, self.attn)
         if not any(s.sample or s.all_logits for s in out.seqs):

@@ -80,7 +80,8 @@ class Scheduler:
 
         if not preempted:  # memory is short: admit nobody new this step
             self._admit(scheduled, budget)
-        return SchedulerOutput([self._plan(req, n) for req, n in scheduled], preempted)
+        return SchedulerOutput([self._plan(req, n) for req, n in scheduled], preempted,
+                               self.kv.take_position_shifts())
 
     def _admit(self, scheduled: list[tuple[Request, int]], budget: int) -> None:
         """Swapped-out requests come back first; waiting ones only when none is left swapped out."""
@@ -124,7 +125,7 @@ class Scheduler:
         # prompt_logprobs: the logits of prompt positions not yet scored (a recomputed request skips them)
         all_logits = req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < req.num_prompt_tokens
         return ScheduledSeq(req.request_id, req.all_token_ids[c : c + n], c, tables, c + n == req.num_tokens,
-                            all_logits)
+                            all_logits, self.kv.position_shift(req.request_id))
 
     def after_step(self, out: SchedulerOutput) -> None:
         """Advance each scheduled request past the tokens it just computed."""

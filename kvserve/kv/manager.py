@@ -19,6 +19,18 @@ c - W + 1 return to the pool at once and their table entries point at the null b
 holds at most ceil(W / block_size) + 1 blocks per request however long the request grows:
 
     W = 6, block_size = 4, c = 13:  table = [0, 9, 2, 7]   (tokens 0-3 dropped; 8..13 visible)
+
+The ``sink_window`` policy (StreamingLLM, any model whose layers all attend fully) keeps the first
+``sink_blocks`` blocks (the attention sinks) and the blocks of the last ``window`` tokens, and *removes*
+the blocks in between from the table, so positions count within the cache, not within the text: the
+tokens after a removed block move down by block_size positions, and their keys must be re-rotated by
+that much (``take_position_shifts``: the runner does it before the step's forward, whole blocks at a
+time, llama.cpp's ``seq_add`` RoPE shift). ``position_shift`` is how far a request's cache positions
+lag its text positions.
+
+    sink_blocks = 1, window = 8, block_size = 4, 20 tokens computed:
+    text  0-3 | 4-7 | 8-11 | 12-15 | 16-19      table [5, 6, 2, 8, 3]
+    ->    0-3 |             12-15 | 16-19       table [5, 8, 3], shift 8: tokens 12-19 at positions 4-11
 """
 from __future__ import annotations
 
@@ -68,17 +80,23 @@ class RequestKV:
     prefix_node: Node | None = None  # the tree node this request locked
     num_blocks_in_tree: int = 0  # leading blocks already inserted into the prefix tree
     num_dropped: list[int] = field(default_factory=list)  # per group: leading entries given back (now null)
+    position_shift: int = 0  # sink_window: tokens removed from the middle (cache position = text position - this)
 
 
 class KVCacheManager:
     def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = False,
                  storage: KVCache | None = None, num_groups: int = 1, swap_space: int = 0,
-                 windows: list[int | None] | None = None):
+                 windows: list[int | None] | None = None, sink_window: tuple[int, int] | None = None):
         if windows is None and storage is not None:
             windows = [g.spec.window for g in storage.spec.groups]
         self.windows = windows or [None] * num_groups  # per group: sliding window, or None (full)
         if len(self.windows) != num_groups:
             raise ValueError(f"{len(self.windows)} windows for {num_groups} KV cache groups")
+        # (sink blocks, window tokens) under the sink_window policy
+        if sink_window is not None and (num_groups != 1 or enable_prefix_caching or any(self.windows)):
+            raise ValueError("the sink_window policy needs a model whose layers all attend fully, and no prefix cache")
+        self.sink_window = sink_window
+        self._shifts: list[tuple[list[int], int]] = []  # (blocks, positions) whose keys move down
         self.pool = pool
         self.block_size = block_size
         self.storage = storage  # the K/V tensors: copy-on-write and swap copies go through it
@@ -89,8 +107,8 @@ class KVCacheManager:
         self.prefix_hits = 0  # of those, tokens found
         # swap preemption: request id -> (CPU copies of K, V, blocks per group)
         self.swap_space = swap_space
-        # id -> (CPU copies, per group (leading null entries, live blocks))
-        self._swapped: dict[str, tuple[list[torch.Tensor], list[tuple[int, int]]]] = {}
+        # id -> (CPU copies, per group (leading null entries, live blocks), position shift)
+        self._swapped: dict[str, tuple[list[torch.Tensor], list[tuple[int, int]], int]] = {}
         self.swap_bytes_used = 0
         self.num_swapped_blocks = 0  # blocks currently held in the CPU pool
 
@@ -109,6 +127,36 @@ class KVCacheManager:
         if kv is None:
             kv = self.requests[request_id] = RequestKV([[] for _ in range(self.num_groups)], num_dropped=[0] * self.num_groups)
         return kv
+
+    def position_shift(self, request_id: str) -> int:
+        kv = self.requests.get(request_id)
+        return kv.position_shift if kv is not None else 0
+
+    def take_position_shifts(self) -> list[tuple[list[int], int]]:
+        """The re-rotations the sink_window policy owes since the last call: (block ids, delta), each
+        block's keys to move down by delta positions before the next forward."""
+        out, self._shifts = self._shifts, []
+        return out
+
+    def _drop_middle(self, request: Request) -> None:
+        """sink_window: remove the blocks between the sinks and the window (see the module docstring)."""
+        kv = self.requests.get(request.request_id)
+        if kv is None:
+            return
+        sink_blocks, window = self.sink_window
+        table = kv.tables[0]
+        cache_len = request.num_computed_tokens - kv.position_shift
+        # the next token, at cache position cache_len, keeps the blocks from the one holding
+        # cache_len - window + 1 on, and the sinks
+        n = min((cache_len - window + 1) // self.block_size, len(table)) - sink_blocks
+        if n <= 0:
+            return
+        removed = table[sink_blocks : sink_blocks + n]
+        del table[sink_blocks : sink_blocks + n]
+        self.pool.decref(removed)
+        kv.position_shift += n * self.block_size
+        if len(table) > sink_blocks:
+            self._shifts.append((list(table[sink_blocks:]), n * self.block_size))
 
     def _drop_out_of_window(self, request: Request) -> None:
         """Give back the sliding groups' blocks that no later query can see (see the module docstring)."""
@@ -152,7 +200,7 @@ class KVCacheManager:
     # ------------------------------------------------------------------ allocation
     def blocks_needed(self, request: Request, num_new_tokens: int) -> int:
         """New blocks per group for ``num_new_tokens`` more tokens after the computed ones."""
-        total = request.num_computed_tokens + num_new_tokens
+        total = request.num_computed_tokens - self.position_shift(request.request_id) + num_new_tokens
         return max(0, cdiv(total, self.block_size) - len(self.block_ids(request.request_id)))
 
     def _take(self, n: int) -> list[int] | None:
@@ -173,6 +221,8 @@ class KVCacheManager:
         request holds exactly what it held before."""
         if hit is None or not (hit.blocks or hit.tail is not None):
             self._drop_out_of_window(request)  # first: what it gives back may be what it needs
+            if self.sink_window is not None:
+                self._drop_middle(request)
             need = self.blocks_needed(request, num_new_tokens) * self.num_groups
             new = self._take(need)
             if new is None:
@@ -264,7 +314,7 @@ class KVCacheManager:
             return False
         # per group: (leading null entries, live blocks)
         layout = [(d, len(t) - d) for t, d in zip(kv.tables, kv.num_dropped)]
-        self._swapped[request.request_id] = (self.storage.copy_out(ids), layout)
+        self._swapped[request.request_id] = (self.storage.copy_out(ids), layout, kv.position_shift)
         self.swap_bytes_used += nbytes
         self.num_swapped_blocks += len(ids)
         self.free(request)
@@ -273,7 +323,7 @@ class KVCacheManager:
     def swap_in(self, request: Request) -> bool:
         """Bring a swapped-out request's blocks back (evicting from the prefix tree if need be, like
         any allocation); False when the pool cannot hold them yet."""
-        data, layout = self._swapped[request.request_id]
+        data, layout, shift = self._swapped[request.request_id]
         new = self._take(sum(live for _, live in layout))
         if new is None:
             return False
@@ -284,6 +334,7 @@ class KVCacheManager:
             kv.tables.append([NULL_BLOCK] * dropped + new[at : at + live])
             at += live
         kv.num_dropped = [dropped for dropped, _ in layout]
+        kv.position_shift = shift
         self.drop_swap(request)
         return True
 

@@ -16,7 +16,8 @@ import torch
 
 from kvserve.attn import AttentionBackend, ForwardBatch
 from kvserve.config import ModelConfig
-from kvserve.models.layers import Linear, Rotary, add_rms_norm, gelu_tanh_and_mul, rms_norm, silu_and_mul
+from kvserve.models.layers import (Linear, Rotary, add_rms_norm, apply_rotary, gelu_tanh_and_mul, rms_norm,
+                                   silu_and_mul)
 
 
 @dataclass
@@ -131,6 +132,17 @@ class Decoder:
         h = h + mlp_out
         # Only rows that sample need the final norm and the (large) LM head.
         return rms_norm(h[batch.logits_idx], self.norm, cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def shift_keys(self, kv, block_ids: list[int], delta: int) -> None:
+        """Re-rotate the cached keys of ``block_ids`` (every layer) from position p to p - delta: RoPE
+        by -delta on top of what they carry (rotations add), so they equal keys computed at p - delta."""
+        ids = torch.as_tensor(block_ids, dtype=torch.long, device=kv.device)
+        for i in range(self.cfg.num_layers):
+            rot = self.rotary[i]
+            cos, sin = rot.cos[delta], -rot.sin[delta]  # the rotation by -delta
+            k = kv.blocks(i)[0]  # [num_blocks, block_size, Hkv, D]
+            k[ids] = apply_rotary(k[ids].float(), cos.float(), sin.float()).to(k.dtype)  # fp32: rounds once
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

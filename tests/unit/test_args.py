@@ -28,7 +28,8 @@ FIELDS = [f.name for f in fields(EngineArgs)]
 EVERY_FLAG = EngineArgs(
     model="/models/other.gguf", dtype="bfloat16", device="cuda", quantization="w8a8", kv_cache="contiguous",
     block_size=32, kv_cache_memory="256MiB", num_kv_blocks=100, kv_cache_dtype="bfloat16",
-    enable_prefix_caching=False, preemption_mode="swap", swap_space="1GiB", max_model_len=1024, max_num_seqs=4,
+    enable_prefix_caching=False, preemption_mode="swap", swap_space="1GiB", kv_cache_policy="sink_window",
+    num_sink_tokens=8, sink_window=256, max_model_len=1024, max_num_seqs=4,
     max_num_batched_tokens=2048, enable_chunked_prefill=False, seed=7,
 )
 
@@ -108,7 +109,12 @@ def test_bad_values_are_refused_by_argparse(capsys, command, flag, bad):
 
 
 def test_create_engine_config():
-    cfg = EVERY_FLAG.create_engine_config()
+    from dataclasses import replace
+
+    # (the sink_window policy needs the paged cache and an unquantized one: checked with its own flags)
+    sink = replace(EVERY_FLAG, kv_cache="paged", kv_cache_dtype="auto").create_engine_config().cache
+    assert (sink.kv_cache_policy, sink.num_sink_tokens, sink.sink_window) == ("sink_window", 8, 256)
+    cfg = replace(EVERY_FLAG, kv_cache_policy="full").create_engine_config()
     assert (cfg.model, cfg.dtype, cfg.device, cfg.quantization, cfg.seed, cfg.max_model_len) == (
         "/models/other.gguf", "bfloat16", "cuda", "w8a8", 7, 1024)
     c = cfg.cache
