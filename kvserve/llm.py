@@ -98,9 +98,9 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         # Validate every prompt before any starts, so one bad prompt does not leave others half-run.
         checked = []
-        for p in prompts:
+        for p, sp in zip(prompts, params):
             text, ids = normalize_prompt(p, self.engine.tokenizer)
-            checked.append((text, self.engine.check_prompt(ids)))
+            checked.append((text, self.engine.check_prompt(ids, sp)))
         order = [self.engine.add_request(text, sp, prompt_token_ids=ids) for (text, ids), sp in zip(checked, params)]
         return self._run(order, len(order) > 1 if use_tqdm is None else use_tqdm)
 

@@ -33,6 +33,11 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # when a request does not fit max_model_len (the full cache policy): "error" refuses a prompt that
+    # long and stops generation at the context ("length"); "truncate" keeps the prompt's last tokens
+    # (leaving room for max_tokens, at most half the context); "shift" is llama.cpp's context shift:
+    # keep the first num_sink_tokens, drop the older half of the rest, re-rotate, continue
+    context_overflow: str = "error"
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -64,6 +69,8 @@ class SamplingParams:
             raise bad("logprobs", "must be non-negative")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise bad("prompt_logprobs", "must be non-negative")
+        if self.context_overflow not in ("error", "truncate", "shift"):
+            raise bad("context_overflow", "must be 'error', 'truncate' or 'shift'")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]

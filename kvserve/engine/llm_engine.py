@@ -155,7 +155,8 @@ class LLMEngine:
                                  f"max_model_len={max_len}")
         self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size, bool(cache.enable_prefix_caching),
                                          storage=self.kv_cache, num_groups=len(self.kv_spec.groups),
-                                         swap_space=cache.swap_space, sink_window=sink)
+                                         swap_space=cache.swap_space, sink_window=sink,
+                                         max_model_len=max_len, num_keep_tokens=cache.num_sink_tokens)
         self.scheduler = Scheduler(sched, cache, self.kv_manager)
         self.attn_backend = select_backend(self.kv_cache, cfg.num_heads)
         eos = set(cfg.eos_token_ids)
@@ -187,20 +188,34 @@ class LLMEngine:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return prompts.apply_chat_template(self.tokenizer, messages, add_generation_prompt)
 
-    def check_prompt(self, prompt_token_ids: list[int]) -> list[int]:
+    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> list[int]:
         """The prompt as a list of ints, or a ValueError: empty, ids outside the vocabulary, or no room
-        left in the context (vLLM's wording, with both numbers)."""
+        left in the context (vLLM's wording, with both numbers). With ``context_overflow="truncate"``
+        a prompt that does not fit keeps its last tokens, leaving room for ``max_tokens`` (at most half
+        the context); with "shift" (or the sink_window policy) any length is taken."""
         ids = [int(t) for t in prompt_token_ids]
         if not ids:
             raise ValueError("the prompt is empty: it must hold at least one token")
         if any(not 0 <= t < self.model_config.vocab_size for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        overflow = params.context_overflow if params is not None else "error"
+        if overflow == "shift":
+            self._check_shift()
+            return ids
+        if overflow == "truncate" and len(ids) >= self.max_model_len:
+            room = min(params.max_tokens or self.max_model_len, self.max_model_len // 2)
+            return ids[len(ids) - (self.max_model_len - room):]
         if len(ids) >= self.max_model_len and not self.sink_policy:
             raise ValueError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
                 f"{len(ids)} input tokens. Please reduce the length of the input messages."
             )
         return ids
+
+    def _check_shift(self) -> None:
+        if len(self.kv_spec.groups) > 1 or self.kv_spec.quant is not None or self.config.cache.kv_cache != KVCacheMode.PAGED:
+            raise ValueError("context_overflow='shift' re-rotates cached keys: it needs the paged cache, an "
+                             "unquantized KV dtype and a model whose layers all attend fully")
 
     def add_request(
         self,
@@ -211,7 +226,7 @@ class LLMEngine:
     ) -> str:
         params = params or SamplingParams()
         prompt, ids = prompts.normalize_prompt(prompt, self.tokenizer, prompt_token_ids)
-        ids = self.check_prompt(ids)
+        ids = self.check_prompt(ids, params)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already running")
@@ -319,7 +334,8 @@ class LLMEngine:
                 req.text, reason, req.stop_reason = req.text[:i], "stop", s
         if reason is None and p.max_tokens is not None and n_out >= p.max_tokens:
             reason = "length"
-        if reason is None and req.num_tokens >= self.max_model_len and not self.sink_policy:
+        if (reason is None and req.num_tokens >= self.max_model_len and not self.sink_policy
+                and p.context_overflow != "shift"):
             reason = "length"  # (sink_window: the cache never holds more than sinks + window + a chunk)
         if reason is not None:
             req.finished_time = time.monotonic()

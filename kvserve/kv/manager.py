@@ -86,7 +86,8 @@ class RequestKV:
 class KVCacheManager:
     def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = False,
                  storage: KVCache | None = None, num_groups: int = 1, swap_space: int = 0,
-                 windows: list[int | None] | None = None, sink_window: tuple[int, int] | None = None):
+                 windows: list[int | None] | None = None, sink_window: tuple[int, int] | None = None,
+                 max_model_len: int | None = None, num_keep_tokens: int = 4):
         if windows is None and storage is not None:
             windows = [g.spec.window for g in storage.spec.groups]
         self.windows = windows or [None] * num_groups  # per group: sliding window, or None (full)
@@ -96,6 +97,9 @@ class KVCacheManager:
         if sink_window is not None and (num_groups != 1 or enable_prefix_caching or any(self.windows)):
             raise ValueError("the sink_window policy needs a model whose layers all attend fully, and no prefix cache")
         self.sink_window = sink_window
+        # context_overflow="shift": a request about to pass max_model_len keeps its first keep blocks and
+        # drops the older half of the rest (llama.cpp's context shift)
+        self.max_model_len, self.keep_blocks = max_model_len, cdiv(num_keep_tokens, block_size)
         self._shifts: list[tuple[list[int], int]] = []  # (blocks, positions) whose keys move down
         self.pool = pool
         self.block_size = block_size
@@ -149,14 +153,33 @@ class KVCacheManager:
         # the next token, at cache position cache_len, keeps the blocks from the one holding
         # cache_len - window + 1 on, and the sinks
         n = min((cache_len - window + 1) // self.block_size, len(table)) - sink_blocks
-        if n <= 0:
+        if n > 0:
+            self._remove_blocks(kv, sink_blocks, n)
+
+    def _shift_context(self, request: Request, num_new_tokens: int) -> None:
+        """context_overflow="shift": while the next ``num_new_tokens`` would pass max_model_len, drop
+        the older half of the blocks after the kept first ones (at least one block)."""
+        kv = self.requests.get(request.request_id)
+        if kv is None or self.max_model_len is None:
             return
-        removed = table[sink_blocks : sink_blocks + n]
-        del table[sink_blocks : sink_blocks + n]
+        table, keep = kv.tables[0], self.keep_blocks
+        while request.num_computed_tokens - kv.position_shift + num_new_tokens > self.max_model_len:
+            n = max(1, (len(table) - keep) // 2)
+            if len(table) - keep < n + 1:  # nothing left to drop but the block being filled
+                raise MemoryError(f"context_overflow='shift': {num_new_tokens} new tokens do not fit "
+                                  f"max_model_len={self.max_model_len} beside the {keep} kept blocks")
+            self._remove_blocks(kv, keep, n)
+
+    def _remove_blocks(self, kv: RequestKV, start: int, n: int) -> None:
+        """Take n blocks out of the (single-group) table at ``start``; the later ones move down n blocks'
+        worth of positions, and their keys are re-rotated before the next forward."""
+        table = kv.tables[0]
+        removed = table[start : start + n]
+        del table[start : start + n]
         self.pool.decref(removed)
         kv.position_shift += n * self.block_size
-        if len(table) > sink_blocks:
-            self._shifts.append((list(table[sink_blocks:]), n * self.block_size))
+        if len(table) > start:
+            self._shifts.append((list(table[start:]), n * self.block_size))
 
     def _drop_out_of_window(self, request: Request) -> None:
         """Give back the sliding groups' blocks that no later query can see (see the module docstring)."""
@@ -223,6 +246,8 @@ class KVCacheManager:
             self._drop_out_of_window(request)  # first: what it gives back may be what it needs
             if self.sink_window is not None:
                 self._drop_middle(request)
+            if request.params.context_overflow == "shift":
+                self._shift_context(request, num_new_tokens)
             need = self.blocks_needed(request, num_new_tokens) * self.num_groups
             new = self._take(need)
             if new is None:
@@ -266,8 +291,8 @@ class KVCacheManager:
         tree as soon as they are computed, not only when it finishes: requests that share a prefix
         and arrive together then hit what the first one has already prefilled (vLLM does the same)."""
         kv = self.requests.get(request.request_id)
-        if self.prefix_cache is None or kv is None:
-            return
+        if self.prefix_cache is None or kv is None or request.params.context_overflow == "shift":
+            return  # (shifting re-rotates its blocks in place: none may be shared with the tree)
         ids = self._tree_ids(kv)
         n_full = min(request.num_computed_tokens // self.block_size, len(ids))
         if n_full > kv.num_blocks_in_tree:
@@ -294,7 +319,7 @@ class KVCacheManager:
         if self.prefix_cache is not None:
             ids = self._tree_ids(kv)
             n = min(request.num_computed_tokens, len(ids) * self.block_size)
-            if n:
+            if n and request.params.context_overflow != "shift":
                 self.prefix_cache.insert(request.all_token_ids[:n], ids[: cdiv(n, self.block_size)])
             if kv.prefix_node is not None:
                 self.prefix_cache.unlock(kv.prefix_node)

@@ -56,6 +56,9 @@ class SamplingFields(_Model):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    context_overflow: Literal["error", "truncate", "shift"] = Field(
+        "error", description="a prompt or generation past the context: refuse / stop (error), keep the prompt's "
+                             "last tokens (truncate), or llama.cpp's context shift (shift)")
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be absent or empty")
     user: str | None = None
 

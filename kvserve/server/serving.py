@@ -132,8 +132,12 @@ class OpenAIServing:
         if req.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
 
-    def _max_tokens(self, requested: int | None, prompt_len: int, default: int) -> int:
+    def _max_tokens(self, requested: int | None, prompt_len: int, default: int, overflow: str = "error") -> int:
         limit = self.llm.max_model_len
+        if overflow == "shift":  # generation continues past the context
+            return requested or default
+        if overflow == "truncate":  # the engine keeps the prompt's last tokens (LLMEngine.check_prompt)
+            prompt_len = min(prompt_len, limit - min(requested or limit, limit // 2))
         if prompt_len >= limit:
             return requested or 1  # the engine refuses the prompt, in vLLM's words
         room = limit - prompt_len
@@ -165,6 +169,7 @@ class OpenAIServing:
                 seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
                 stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
                 logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+                context_overflow=req.context_overflow,
             )
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
@@ -299,7 +304,8 @@ class OpenAIServing:
         if score_prompt and req.stream:
             raise APIError(400, "echo with logprobs is supported without stream only", param="echo")
         prompts = self._completion_prompts(req)
-        params = [self._params(req, self._max_tokens(req.max_tokens, len(p.ids), DEFAULT_COMPLETION_MAX_TOKENS),
+        params = [self._params(req, self._max_tokens(req.max_tokens, len(p.ids), DEFAULT_COMPLETION_MAX_TOKENS,
+                                                     req.context_overflow),
                                req.logprobs) for p in prompts]
         if score_prompt:
             for sp in params:
@@ -398,7 +404,7 @@ class OpenAIServing:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         prompt = self._chat_prompt(req)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_tokens = self._max_tokens(requested, len(prompt.ids), self.max_default_tokens)
+        max_tokens = self._max_tokens(requested, len(prompt.ids), self.max_default_tokens, req.context_overflow)
         params = self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         job = _Job(f"chatcmpl-{uuid.uuid4().hex}", [prompt], [params])
         await self._start(job)

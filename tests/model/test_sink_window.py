@@ -96,3 +96,40 @@ def test_sink_window_is_validated():
         make_llm(kv_cache_policy="sink_window", sink_window=128, enable_prefix_caching=True)
     with pytest.raises(ValueError, match="must fit max_model_len"):
         make_llm(kv_cache_policy="sink_window", sink_window=480, max_model_len=512, enable_prefix_caching=False)
+
+
+# ---- context_overflow (the full policy, per request) ----
+
+def test_context_shift_generates_past_max_model_len_in_bounded_memory():
+    """llama.cpp's context shift: at max_model_len (128) keep the first block, drop the older half of
+    the rest, re-rotate, continue; 300 tokens in at most 8 blocks. Before the first shift the tokens
+    equal the default policy's, and the prefix tree never sees a shifting request's blocks."""
+    llm = make_llm(max_model_len=128, max_num_batched_tokens=64)
+    prompt = "Once upon a time, in a small village by the sea,"
+    shift = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True, context_overflow="shift")
+    e = llm.engine
+    rid = e.add_request(prompt, shift)
+    most, out = 0, None
+    while e.has_unfinished_requests():
+        for o in e.step():
+            out = o
+        most = max(most, e.kv_manager.pool.num_used)
+        e.kv_manager.check_integrity()
+    assert out.request_id == rid and len(out.outputs[0].token_ids) == 300
+    assert most <= 128 // 16 and e.kv_manager.prefix_cache.num_blocks == 0
+    plain = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=300, ignore_eos=True), use_tqdm=False)[0]
+    assert plain.outputs[0].finish_reason == "length" and len(plain.outputs[0].token_ids) < 128
+    n = len(plain.outputs[0].token_ids)
+    assert out.outputs[0].token_ids[:n] == plain.outputs[0].token_ids
+
+
+def test_context_truncate_keeps_the_prompts_last_tokens():
+    llm = make_llm(max_model_len=128)
+    ids = list(range(1000, 1200))  # 200 tokens > 128
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, context_overflow="truncate")
+    out = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
+    want = llm.generate({"prompt_token_ids": ids[-120:]}, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                        use_tqdm=False)[0]
+    assert out.prompt_token_ids == ids[-120:] and out.outputs[0].token_ids == want.outputs[0].token_ids
+    with pytest.raises(ValueError, match="context_overflow"):
+        SamplingParams(context_overflow="wrap")

@@ -292,6 +292,23 @@ def test_malformed_bodies_are_400(server):
         _error(r)
 
 
+def test_context_overflow_truncate_and_shift(server):
+    """The same over-long prompt: refused by default, answered with the prompt's last tokens under
+    "truncate", and under "shift" a completion may run past the 512-token context (openai client,
+    extra_body)."""
+    long_prompt = "hello " * 600
+    client = _client(server)
+    out = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=4, temperature=0,
+                                    extra_body={"context_overflow": "truncate"})
+    assert out.usage.prompt_tokens == 512 - 4 and len(out.choices[0].text) > 0  # its last 508 tokens, room for 4
+    out = client.completions.create(model=MODEL, prompt="Once upon a time,", max_tokens=530, temperature=0,
+                                    extra_body={"context_overflow": "shift", "ignore_eos": True})
+    assert out.usage.completion_tokens == 530 and out.choices[0].finish_reason == "length"
+    r = httpx.post(f"{server.url}/v1/completions", headers=server.headers,
+                   json={"model": MODEL, "prompt": "hi", "context_overflow": "wrap"})
+    assert r.status_code == 400
+
+
 def test_unknown_model_is_404(server):
     with pytest.raises(openai.NotFoundError):
         _client(server).completions.create(model="no-such-model", prompt="hi", max_tokens=1)
@@ -400,3 +417,4 @@ def test_sigterm_aborts_in_flight_and_exits_cleanly(server):
     assert rest[-1] == "data: [DONE]"
     assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "abort"
     assert server.proc.wait(timeout=30) == 0, server.log_tail()
+
