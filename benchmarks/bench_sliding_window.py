@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS_DIR, command_line, cpu_info, format_cpu_info, format_table, median,  # noqa: E402
-                    now_iso, pyplot, save_json, settings_of)
+from common import (RESULTS_DIR, command_line, cpu_info, format_cpu_info, format_table, load_hf,  # noqa: E402
+                    median, now_iso, save_json, save_line_plot, settings_of)
 
 from kvserve import LLM, SamplingParams  # noqa: E402
 from kvserve.models.loader import resolve_model  # noqa: E402
@@ -117,10 +117,7 @@ def kvserve_speed(ids_list: list[list[int]], new: int, runs: int) -> float:
 
 def hf_speed(ids_list: list[list[int]], new: int, runs: int, dtype: torch.dtype) -> float:
     """HF generate: (new - 1) decode tokens per request over the time after the first token."""
-    from transformers import AutoModelForCausalLM
-
-    src = resolve_model(MODEL)
-    model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name, dtype=dtype).eval()
+    model, _ = load_hf(resolve_model(MODEL), dtype)
     x = torch.tensor(ids_list)  # equal lengths: no padding
     rates = []
     with torch.no_grad():
@@ -133,6 +130,21 @@ def hf_speed(ids_list: list[list[int]], new: int, runs: int, dtype: torch.dtype)
             t2 = time.perf_counter()
             rates.append(len(ids_list) * (new - 1) / ((t2 - t1) - (t1 - t0)))
     return median(rates)
+
+
+def plot(path: Path, curves: dict[str, list], llama: dict[str, int | None], dtype: str) -> None:
+    """KV MiB against tokens in the cache; llama.cpp's up-front allocations as flat dashed lines."""
+    series = {("kvserve (sliding groups give blocks back)" if name == "sliding" else "full-attention cache"):
+              ([n for n, _ in c], [b / 2**20 for _, b in c]) for name, c in curves.items()}
+    xs = [n for n, _ in curves["sliding"]]
+    styles = {}
+    for label, b in llama.items():
+        if b:
+            name = f"{label}, allocated at n_ctx"
+            series[name] = ([xs[0], xs[-1]], [b / 2**20] * 2)
+            styles[name] = {"linestyle": "--", "marker": ""}
+    save_line_plot(path, series, title=f"Gemma 3 270M KV memory ({dtype})", xlabel="tokens in the cache",
+                   ylabel="KV MiB", styles=styles)
 
 
 def main() -> None:
@@ -191,21 +203,7 @@ def main() -> None:
                                                    "ratio": ours_end / full_end},
                                "llama_cpp_kv_bytes": llama, "speed": speed,
                                "seconds": time.perf_counter() - t_start})
-    plt = pyplot()
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, curve in curves.items():
-            ax.plot([n for n, _ in curve], [b / 2**20 for _, b in curve],
-                    label="kvserve (sliding groups give blocks back)" if name == "sliding" else "full-attention cache")
-        for label, b in llama.items():
-            if b:
-                ax.axhline(b / 2**20, ls="--", lw=1, label=f"{label}, allocated at n_ctx")
-        ax.set_xlabel("tokens in the cache")
-        ax.set_ylabel("KV MiB")
-        ax.set_title(f"Gemma 3 270M KV memory ({dtype})")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(Path(args.out).with_suffix(".png"), dpi=120)
+    plot(Path(args.out).with_suffix(".png"), curves, llama, str(dtype))
     print(f"benchmark time: {time.perf_counter() - t_start:.0f} s\nJSON: {out}")
 
 

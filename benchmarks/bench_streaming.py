@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS_DIR, command_line, cpu_info, format_cpu_info, format_table, now_iso, pyplot,  # noqa: E402
-                    save_json, settings_of)
+from common import (RESULTS_DIR, command_line, cpu_info, format_cpu_info, format_table, now_iso,  # noqa: E402
+                    save_json, save_line_plot, settings_of)
 
 from kvserve import LLM, SamplingParams  # noqa: E402
 from kvserve.ppl import corpus_text  # noqa: E402
@@ -83,20 +83,11 @@ def main() -> None:
     out = save_json(args.out, {"benchmark": "streaming", "time": now_iso(), "command": command_line(),
                                "settings": settings_of(args), "cpu": info, "per_segment_ppl": per_segment,
                                "worst_vs_full": worst, "seconds": time.perf_counter() - t_start})
-    plt = pyplot()
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        xs = [(s + 0.5) * args.segment / 1024 for s in range(n_seg)]
-        for name, ys in per_segment.items():
-            ax.plot([x for x, y in zip(xs, ys) if y], [y for y in ys if y], marker="o", label=name)
-        ax.axvline(context / 1024, ls="--", lw=1, color="gray", label="model context (8k)")
-        ax.set_xlabel("position in the text (k tokens)")
-        ax.set_ylabel("perplexity of the segment")
-        ax.set_yscale("log")
-        ax.set_title(f"StreamingLLM on {args.model}: window {args.window}, {args.sinks} sinks")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(Path(args.out).with_suffix(".png"), dpi=120)
+    xs = [(s + 0.5) * args.segment / 1024 for s in range(n_seg)]
+    save_line_plot(Path(args.out).with_suffix(".png"), {name: (xs, ys) for name, ys in per_segment.items()},
+                   title=f"StreamingLLM on {args.model}: window {args.window}, {args.sinks} sinks",
+                   xlabel="position in the text (k tokens)", ylabel="perplexity of the segment", logy=True,
+                   note=f"the full cache is defined up to the model's context ({context} tokens)")
     print(f"benchmark time: {time.perf_counter() - t_start:.0f} s\nJSON: {out}")
 
 

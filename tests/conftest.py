@@ -28,14 +28,18 @@ def model_src():
     return resolve_model("smollm2-135m")
 
 
-@pytest.fixture(scope="session")
-def hf_model(model_src):
+def load_hf_model(src):
+    """HF transformers' fp32 model for the same GGUF file: the reference every cache path is tested against."""
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(str(model_src.path.parent), gguf_file=model_src.path.name,
-                                             dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name, dtype=torch.float32)
     m.eval()
     return m
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_src):
+    return load_hf_model(model_src)
 
 
 @pytest.fixture(scope="session")

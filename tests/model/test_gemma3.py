@@ -10,6 +10,7 @@ import torch
 
 from kvserve import SamplingParams
 from kvserve.ppl import corpus_text
+from tests.conftest import load_hf_model
 
 WINDOW = 512
 SHORT = "The history of the city begins in the"
@@ -24,12 +25,7 @@ def gemma_src():
 
 @pytest.fixture(scope="module")
 def gemma_hf(gemma_src):
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(str(gemma_src.path.parent), gguf_file=gemma_src.path.name,
-                                             dtype=torch.float32)
-    m.eval()
-    return m
+    return load_hf_model(gemma_src)
 
 
 def gemma_llm(**kw):
