@@ -158,6 +158,15 @@ class CacheConfig:
     num_sink_tokens: int = 4
     sink_window: int | None = None
 
+    def key_moves_refused(self) -> str | None:
+        """Why cached keys cannot move to new positions here (the sink_window policy, a request's
+        context_overflow="shift"), or None. Moving re-rotates them in the paged pool, in place."""
+        if self.kv_cache != KVCacheMode.PAGED:
+            return "re-rotates cached keys in the block pool: it needs kv_cache='paged'"
+        if self.kv_cache_dtype != "auto":
+            return "re-rotates cached keys: it needs an unquantized cache (kv_cache_dtype='auto')"
+        return None
+
     def __post_init__(self) -> None:
         self.kv_cache = _enum(KVCacheMode, "kv_cache", self.kv_cache)
         self.preemption_mode = _enum(PreemptionMode, "preemption_mode", self.preemption_mode)
@@ -179,16 +188,13 @@ class CacheConfig:
         if self.kv_cache_policy not in ("full", "sink_window"):
             raise ValueError(f"kv_cache_policy must be 'full' or 'sink_window', got {self.kv_cache_policy!r}")
         if self.kv_cache_policy == "sink_window":
-            if self.kv_cache != KVCacheMode.PAGED:
-                raise ValueError("kv_cache_policy='sink_window' needs kv_cache='paged'")
             if self.sink_window is None or self.sink_window < self.block_size:
                 raise ValueError(f"kv_cache_policy='sink_window' needs sink_window >= block_size ({self.block_size}), "
                                  f"got {self.sink_window}")
             if self.num_sink_tokens < 0:
                 raise ValueError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
-            if self.kv_cache_dtype != "auto":
-                raise ValueError("kv_cache_policy='sink_window' re-rotates cached keys: it needs an unquantized "
-                                 "cache (kv_cache_dtype='auto')")
+            if self.key_moves_refused():
+                raise ValueError(f"kv_cache_policy='sink_window' {self.key_moves_refused()}")
             if self.enable_prefix_caching:
                 raise ValueError("kv_cache_policy='sink_window' moves cached keys to new positions: "
                                  "turn prefix caching off")

@@ -95,25 +95,32 @@ class SDPABackend(AttentionBackend):
         slots, groups = [], []
         decode_rows, decode_lens, decode_blocks = [], [], []
         t = 0
+        decode_first = []
         for s in seqs:
             c, n, L = s.start, s.num_new, s.end
             blocks = s.block_tables[group][: -(-L // block_size)]
             p = np.arange(c, L)
             slots.append(blocks[p // block_size] * block_size + p % block_size)
+            # a sliding group reads from its first live block: the null entries before it (given back
+            # as they left the window) hold nothing to see
+            first = int(np.argmax(blocks != NULL_BLOCK)) if window is not None else 0
             if n == 1:  # decodes are batched into groups below
                 decode_rows.append(t)
                 decode_lens.append(L)
                 decode_blocks.append(blocks)
+                decode_first.append(first * block_size)
             else:
-                if _adjacent(blocks):
-                    read, width = slice(blocks[0] * block_size, blocks[0] * block_size + L), L
+                live = blocks[first:]
+                if _adjacent(live):
+                    start = live[0] * block_size
+                    read, width = slice(start, start + L - first * block_size), L - first * block_size
                 else:
-                    width = len(blocks) * block_size
-                    read = (as_tensor(blocks[None, :]), width)
+                    width = len(live) * block_size
+                    read = (as_tensor(live[None, :]), width)
                 mask = None
                 if c > 0 or (window is not None and n > window):
                     # query i (position c+i) sees keys 0..c+i, or under a window c+i-W+1..c+i
-                    keys = np.arange(width)[None, :]
+                    keys = first * block_size + np.arange(width)[None, :]
                     visible = keys <= p[:, None]
                     if window is not None:
                         visible &= keys > p[:, None] - window
@@ -126,19 +133,21 @@ class SDPABackend(AttentionBackend):
             for members in runs:
                 groups.insert(0, self._decode_group(
                     [decode_rows[i] for i in members], [decode_lens[i] for i in members],
-                    [decode_blocks[i] for i in members], as_tensor, as_mask, window))
+                    [decode_blocks[i] for i in members], as_tensor, as_mask, window,
+                    [decode_first[i] for i in members]))
         return AttnMetadata(as_tensor(np.concatenate(slots)), groups)
 
     def _decode_group(self, rows: list[int], lens: list[int], blocks: list[np.ndarray], as_tensor, as_mask,
-                      window: int | None = None) -> AttnGroup:
+                      window: int | None = None, first: list[int] | None = None) -> AttnGroup:
         """Single-token decodes of several requests as one [B, 1] attention over their block tables
-        (under a sliding window, each sees its last ``window`` keys)."""
+        (under a sliding window, each sees its last ``window`` keys, none before ``first``: its first
+        live block's position)."""
         block_size = self.kv.block_size
         B = len(rows)
         # decodes are scheduled first, so their rows are usually consecutive: a slice is a view, not a gather
         consecutive = rows == list(range(rows[0], rows[0] + B))
         q_rows = slice(rows[0], rows[0] + B) if consecutive else as_tensor(rows)
-        begins = np.maximum(np.asarray(lens) - window, 0) if window is not None else np.zeros(B, dtype=np.int64)
+        begins = np.maximum(np.asarray(lens) - window, first) if window is not None else np.zeros(B, dtype=np.int64)
         if B == 1 and self.view_lone_decode and _adjacent(blocks[0]):  # a view of the cache, no gather
             start = blocks[0][0] * block_size
             return AttnGroup(q_rows, 1, 1, slice(start + int(begins[0]), start + lens[0]))

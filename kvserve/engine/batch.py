@@ -29,8 +29,9 @@ class ScheduledSeq:
 class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)  # ids of the requests preempted this step
-    # sink_window: (block ids, delta) whose cached keys move down delta positions before the forward
-    position_shifts: list[tuple[list[int], int]] = field(default_factory=list)
+    # sink_window / context shift: (group, block ids, delta) whose cached keys move down delta positions
+    # before the forward
+    position_shifts: list[tuple[int, list[int], int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:

@@ -200,7 +200,8 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
         overflow = params.context_overflow if params is not None else "error"
         if overflow == "shift":
-            self._check_shift()
+            if self.config.cache.key_moves_refused():
+                raise ValueError(f"context_overflow='shift' {self.config.cache.key_moves_refused()}")
             return ids
         if overflow == "truncate" and len(ids) >= self.max_model_len:
             room = min(params.max_tokens or self.max_model_len, self.max_model_len // 2)
@@ -211,11 +212,6 @@ class LLMEngine:
                 f"{len(ids)} input tokens. Please reduce the length of the input messages."
             )
         return ids
-
-    def _check_shift(self) -> None:
-        if len(self.kv_spec.groups) > 1 or self.kv_spec.quant is not None or self.config.cache.kv_cache != KVCacheMode.PAGED:
-            raise ValueError("context_overflow='shift' re-rotates cached keys: it needs the paged cache, an "
-                             "unquantized KV dtype and a model whose layers all attend fully")
 
     def add_request(
         self,

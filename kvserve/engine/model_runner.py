@@ -47,8 +47,8 @@ class ModelRunner:
         """Run one step; the fp32 logits [R, vocab]: in step order, all rows of a sequence with
         ``all_logits``, else the last row of one that samples (None when no row has logits: every
         request ran a prompt chunk short of its end)."""
-        for block_ids, delta in out.position_shifts:  # sink_window: kept keys move down in position
-            self.model.shift_keys(self.attn.kv, block_ids, delta)
+        for group, block_ids, delta in out.position_shifts:  # sink_window / context shift: kept keys move down
+            self.model.shift_keys(self.attn.kv, block_ids, delta, self.attn.kv.spec.groups[group].layers)
         batch = self.prepare(out)
         hidden = self.model.forward(batch, self.attn)
         if not any(s.sample or s.all_logits for s in out.seqs):

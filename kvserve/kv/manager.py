@@ -20,7 +20,7 @@ holds at most ceil(W / block_size) + 1 blocks per request however long the reque
 
     W = 6, block_size = 4, c = 13:  table = [0, 9, 2, 7]   (tokens 0-3 dropped; 8..13 visible)
 
-The ``sink_window`` policy (StreamingLLM, any model whose layers all attend fully) keeps the first
+The ``sink_window`` policy (StreamingLLM, any model) keeps the first
 ``sink_blocks`` blocks (the attention sinks) and the blocks of the last ``window`` tokens, and *removes*
 the blocks in between from the table, so positions count within the cache, not within the text: the
 tokens after a removed block move down by block_size positions, and their keys must be re-rotated by
@@ -31,6 +31,13 @@ lag its text positions.
     sink_blocks = 1, window = 8, block_size = 4, 20 tokens computed:
     text  0-3 | 4-7 | 8-11 | 12-15 | 16-19      table [5, 6, 2, 8, 3]
     ->    0-3 |             12-15 | 16-19       table [5, 8, 3], shift 8: tokens 12-19 at positions 4-11
+
+On a hybrid model (Gemma 3) the full-attention groups decide what the policy drops, and the same
+entries leave every group's table, since entry i holds cache positions i*block_size.. in all groups.
+A sliding group's entries there are usually null already; where one is not, its layers lose those
+tokens as the full layers do. Sliding windows count cache positions, and a sliding layer never reads
+a null entry inside its window (after a shift the window can reach back over the sinks, which it
+dropped long ago): its keys start at its first live block (``attn.backend``).
 """
 from __future__ import annotations
 
@@ -94,13 +101,14 @@ class KVCacheManager:
         if len(self.windows) != num_groups:
             raise ValueError(f"{len(self.windows)} windows for {num_groups} KV cache groups")
         # (sink blocks, window tokens) under the sink_window policy
-        if sink_window is not None and (num_groups != 1 or enable_prefix_caching or any(self.windows)):
-            raise ValueError("the sink_window policy needs a model whose layers all attend fully, and no prefix cache")
+        if sink_window is not None and (enable_prefix_caching or all(self.windows)):
+            raise ValueError("the sink_window policy needs a full-attention layer, and no prefix cache")
         self.sink_window = sink_window
+        self.full_group = next((g for g, w in enumerate(self.windows) if w is None), 0)  # decides what sink_window drops
         # context_overflow="shift": a request about to pass max_model_len keeps its first keep blocks and
         # drops the older half of the rest (llama.cpp's context shift)
         self.max_model_len, self.keep_blocks = max_model_len, cdiv(num_keep_tokens, block_size)
-        self._shifts: list[tuple[list[int], int]] = []  # (blocks, positions) whose keys move down
+        self._shifts: list[tuple[int, list[int], int]] = []  # (group, blocks, positions) whose keys move down
         self.pool = pool
         self.block_size = block_size
         self.storage = storage  # the K/V tensors: copy-on-write and swap copies go through it
@@ -136,9 +144,10 @@ class KVCacheManager:
         kv = self.requests.get(request_id)
         return kv.position_shift if kv is not None else 0
 
-    def take_position_shifts(self) -> list[tuple[list[int], int]]:
-        """The re-rotations the sink_window policy owes since the last call: (block ids, delta), each
-        block's keys to move down by delta positions before the next forward."""
+    def take_position_shifts(self) -> list[tuple[int, list[int], int]]:
+        """The re-rotations owed since the last call (sink_window, context shift): (group, block ids,
+        delta), the keys of those blocks in that group's layers to move down by delta positions before
+        the next forward."""
         out, self._shifts = self._shifts, []
         return out
 
@@ -148,7 +157,7 @@ class KVCacheManager:
         if kv is None:
             return
         sink_blocks, window = self.sink_window
-        table = kv.tables[0]
+        table = kv.tables[self.full_group]
         cache_len = request.num_computed_tokens - kv.position_shift
         # the next token, at cache position cache_len, keeps the blocks from the one holding
         # cache_len - window + 1 on, and the sinks
@@ -162,7 +171,7 @@ class KVCacheManager:
         kv = self.requests.get(request.request_id)
         if kv is None or self.max_model_len is None:
             return
-        table, keep = kv.tables[0], self.keep_blocks
+        table, keep = kv.tables[self.full_group], self.keep_blocks
         while request.num_computed_tokens - kv.position_shift + num_new_tokens > self.max_model_len:
             n = max(1, (len(table) - keep) // 2)
             if len(table) - keep < n + 1:  # nothing left to drop but the block being filled
@@ -171,15 +180,19 @@ class KVCacheManager:
             self._remove_blocks(kv, keep, n)
 
     def _remove_blocks(self, kv: RequestKV, start: int, n: int) -> None:
-        """Take n blocks out of the (single-group) table at ``start``; the later ones move down n blocks'
-        worth of positions, and their keys are re-rotated before the next forward."""
-        table = kv.tables[0]
-        removed = table[start : start + n]
-        del table[start : start + n]
-        self.pool.decref(removed)
-        kv.position_shift += n * self.block_size
-        if len(table) > start:
-            self._shifts.append((list(table[start:]), n * self.block_size))
+        """Take entries start .. start+n-1 out of every group's table; the later ones move down n blocks'
+        worth of positions, and their keys are re-rotated before the next forward. A sliding group's
+        removed entries may be null (given back already): its null prefix shrinks by those."""
+        delta = n * self.block_size
+        for g, table in enumerate(kv.tables):
+            removed = table[start : start + n]
+            del table[start : start + n]
+            self.pool.decref([b for b in removed if b != NULL_BLOCK])
+            kv.num_dropped[g] -= sum(1 for b in removed if b == NULL_BLOCK)
+            moved = [b for b in table[start:] if b != NULL_BLOCK]
+            if moved:
+                self._shifts.append((g, moved, delta))
+        kv.position_shift += delta
 
     def _drop_out_of_window(self, request: Request) -> None:
         """Give back the sliding groups' blocks that no later query can see (see the module docstring)."""
@@ -189,7 +202,7 @@ class KVCacheManager:
         for g, window in enumerate(self.windows):
             if window is None:
                 continue
-            first_visible = request.num_computed_tokens - window + 1
+            first_visible = request.num_computed_tokens - kv.position_shift - window + 1  # cache positions
             table = kv.tables[g]
             end = min(max(0, first_visible) // self.block_size, len(table))
             if end > kv.num_dropped[g]:

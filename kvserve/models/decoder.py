@@ -10,6 +10,7 @@ Q/K/V and gate/up are fused into one matmul each: fewer, larger ops per layer.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -134,11 +135,12 @@ class Decoder:
         return rms_norm(h[batch.logits_idx], self.norm, cfg.rms_norm_eps)
 
     @torch.inference_mode()
-    def shift_keys(self, kv, block_ids: list[int], delta: int) -> None:
-        """Re-rotate the cached keys of ``block_ids`` (every layer) from position p to p - delta: RoPE
-        by -delta on top of what they carry (rotations add), so they equal keys computed at p - delta."""
+    def shift_keys(self, kv, block_ids: list[int], delta: int, layers: Sequence[int] | None = None) -> None:
+        """Re-rotate the cached keys of ``block_ids`` in ``layers`` (default: all; a KV cache group's
+        blocks hold only its own layers) from position p to p - delta: RoPE by -delta, with each layer's
+        own base, on top of what they carry (rotations add), so they equal keys computed at p - delta."""
         ids = torch.as_tensor(block_ids, dtype=torch.long, device=kv.device)
-        for i in range(self.cfg.num_layers):
+        for i in range(self.cfg.num_layers) if layers is None else layers:
             rot = self.rotary[i]
             cos, sin = rot.cos[delta], -rot.sin[delta]  # the rotation by -delta
             k = kv.blocks(i)[0]  # [num_blocks, block_size, Hkv, D]

@@ -161,3 +161,33 @@ def test_sliding_group_gives_back_blocks_the_window_has_passed():
     m.free(r)
     assert pool.num_used == 0
     m.check_integrity()
+
+
+def test_sink_window_on_a_hybrid_model_removes_the_same_entries_from_every_group():
+    """sink_window on a full + sliding model: the full group decides what leaves (1 sink block + the
+    window), the same entries leave the sliding table (null there already, so its null prefix
+    shrinks), positions count within the cache, and each group's moved live blocks are re-rotated
+    with that group's layers."""
+    pool = BlockPool(60)
+    m = KVCacheManager(pool, block_size=4, num_groups=2, windows=[None, 6], sink_window=(1, 8))
+    r = req(4)
+    for c in range(0, 60):
+        assert m.allocate_slots(r, 1) is not None
+        kv = m.requests["r"]
+        full, sliding = m.block_tables("r")
+        cache_len = c - kv.position_shift  # the new token's cache position
+        assert len(full) == len(sliding) == cache_len // 4 + 1
+        assert len(full) <= 1 + 8 // 4 + 2 and 0 not in full
+        # the sliding group: null before its window (cache positions), live from there on
+        first_visible = max(0, cache_len - 6 + 1)
+        assert all(b == 0 for b in sliding[: first_visible // 4]) and all(b != 0 for b in sliding[first_visible // 4 :])
+        assert kv.num_dropped[1] == first_visible // 4
+        for group, blocks, delta in m.take_position_shifts():
+            assert delta % 4 == 0 and delta > 0
+            assert set(blocks) <= set(m.block_tables("r")[group]) and 0 not in blocks
+        m.check_integrity()
+        r.num_computed_tokens = c + 1
+    assert m.requests["r"].position_shift > 40
+    m.free(r)
+    assert pool.num_used == 0
+    m.check_integrity()
