@@ -14,6 +14,7 @@ refuses (unknown model, prompt longer than the context, a KV cache too small), 1
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -40,6 +41,34 @@ class CLIError(Exception):
 def _engine_parent() -> argparse.ArgumentParser:
     # one conversation at a time: one sequence slot is enough
     return EngineArgs.add_cli_args(argparse.ArgumentParser(add_help=False), max_num_seqs=1)
+
+
+def _add_observe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--explain", action="store_true",
+                   help="after each engine step, one line on stderr: what ran, blocks allocated/freed/evicted/"
+                        "copied/swapped, prefix hits, KV in use; a summary at the end (the text prints once, after)")
+    p.add_argument("--trace", metavar="FILE", default=None,
+                   help="write the steps, each request's phases and the block counts as a Chrome/Perfetto trace")
+
+
+class Observers:
+    """--explain / --trace: attach to an engine, and finish (summary, trace file) at the end."""
+
+    def __init__(self, engine, explain: bool = False, trace: str | None = None):
+        from kvserve.engine.trace import ChromeTrace, Explainer
+
+        self.explainer = Explainer(engine) if explain else None
+        self.tracer = ChromeTrace(engine) if trace else None
+        self.path = trace
+        engine.observers += [o for o in (self.explainer, self.tracer) if o is not None]
+
+    def close(self) -> None:
+        if self.explainer is not None:
+            self.explainer.close()
+        if self.tracer is not None:
+            self.tracer.save(self.path)
+            print(f"trace: {self.path} ({len(self.tracer.events)} events; open in https://ui.perfetto.dev "
+                  "or chrome://tracing)", file=sys.stderr, flush=True)
 
 
 def _sampling_parent() -> argparse.ArgumentParser:
@@ -73,12 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "go to stderr.")
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user turn")
+    _add_observe_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", parents=[verbose, engine, sampling], help="interactive multi-turn chat",
                        description="Chat with the model: one line of stdin is one user turn (EOF or /exit ends, "
                                    "/reset forgets the conversation). Per-turn stats go to stderr.")
     p.add_argument("--system", default=None, help="a system message")
+    _add_observe_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("cache-tree", parents=[verbose, engine, sampling], help="run prompts, then print the prefix tree",
@@ -239,9 +270,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt, ids = encode_chat(engine.tokenizer, [{"role": "user", "content": args.prompt}])
     else:
         prompt, ids = args.prompt, None
-    r = stream_request(engine, prompt, params, prompt_token_ids=ids)
+    observers = Observers(engine, args.explain, args.trace)
+    # with --explain the step lines go to stderr as they happen; the text prints once, after them
+    r = stream_request(engine, prompt, params, prompt_token_ids=ids, out=io.StringIO() if args.explain else None)
+    if args.explain:
+        sys.stdout.write(r.text)
     sys.stdout.write("\n")
     sys.stdout.flush()
+    observers.close()
 
     kv = engine.kv_cache
     mode = engine.config.cache.kv_cache
@@ -291,6 +327,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     engine = llm.engine
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
+    observers = Observers(engine, args.explain, args.trace)
+    try:
+        _chat_loop(llm, args, params, system, messages, quiet=args.explain)
+    finally:
+        observers.close()
+    return 0
+
+
+def _chat_loop(llm, args, params, system: list[dict], messages: list[dict], quiet: bool) -> None:
+    engine = llm.engine
     if sys.stdin.isatty():
         print(f"kvserve chat: {args.model}, max_model_len {engine.max_model_len}. "
               "/exit (or Ctrl-D) ends, /reset forgets the conversation.", file=sys.stderr)
@@ -311,7 +357,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": line})
         prompt, ids = encode_chat(engine.tokenizer, messages)
         try:
-            r = stream_request(engine, prompt, params, prompt_token_ids=ids)
+            r = stream_request(engine, prompt, params, prompt_token_ids=ids, out=io.StringIO() if quiet else None)
+            if quiet:
+                sys.stdout.write(r.text)
         except ValueError as e:  # the conversation outgrew the context: drop this turn, keep the REPL
             messages.pop()
             print(f"error: {e} (use /reset to start over)", file=sys.stderr, flush=True)
@@ -327,7 +375,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
         ttft = "" if r.ttft_s is None else f", TTFT {r.ttft_s * 1e3:.0f} ms"
         print(f"[turn {turn}: {r.prompt_tokens} prompt tokens, {r.cached_tokens} from cache, "
               f"{r.output_tokens} new tokens{ttft}, {_fmt_rate(r.decode_tok_s)}]", file=sys.stderr, flush=True)
-    return 0
 
 
 def cmd_cache_tree(args: argparse.Namespace) -> int:

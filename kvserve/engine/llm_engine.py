@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,7 @@ from kvserve.config import KV_CACHE_QUANT_DTYPES, CacheConfig, KVCacheMode, Mode
 from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.sampler import Sampler
 from kvserve.engine.scheduler import Scheduler
+from kvserve.engine.trace import KVCounters, StepRecord
 from kvserve.kv.block_pool import BlockPool
 from kvserve.kv.manager import KVCacheManager, cdiv
 from kvserve.kv.spec import KVSpec, format_bytes
@@ -169,6 +171,9 @@ class LLMEngine:
         self.parents: dict[str, list[Request]] = {}  # user-facing request id -> its n samples
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        # called with a trace.StepRecord after each step (kvserve --explain / --trace; see engine.trace)
+        self.observers: list[Callable[[StepRecord], None]] = []
+        self._last_counters, self._known = KVCounters.read(self), set()
         self.load_seconds = time.perf_counter() - t0
         log.info(
             "KV cache: %s, %d blocks x %d tokens = %d tokens, %s (%s), %s per token, attention: %s",
@@ -253,11 +258,15 @@ class LLMEngine:
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
         """One forward over the scheduled batch; outputs of the requests that got a token (or finished)."""
+        start = time.monotonic()
         out = self.scheduler.schedule()
         if not out:
             if self.scheduler.has_unfinished() and not self.scheduler.running:
                 self._fail_unschedulable()
             return []
+        if self.observers:  # before the step changes them: what each seq is, who is new
+            kinds = [self._kind(s) for s in out.seqs]
+            arrivals = {rid: r.arrival_time for rid, r in self.scheduler.requests.items() if rid not in self._known}
         logits = self.runner.execute(out)
         sampling, rows, r = [], [], 0  # the requests that sample, and their logits rows
         for s in out.seqs:
@@ -286,7 +295,32 @@ class LLMEngine:
             self.stats["generation_tokens"] += 1
             self._check_stop(req)
             touched[req.parent_id] = None
+        if self.observers:
+            self._observe(out, kinds, arrivals, start)
         return [self._output(pid) for pid in touched]
+
+    # ------------------------------------------------------------------ step records (--explain, --trace)
+    def _kind(self, s) -> str:
+        req = self.scheduler.requests[s.request_id]
+        return "decode" if s.num_new_tokens == 1 and s.start == req.num_tokens - 1 else "prefill"
+
+    def _observe(self, out, kinds: list[str], arrivals: dict[str, float], start: float) -> None:
+        """Hand every observer what this step (and anything since the last step) did to KV memory."""
+        counters = KVCounters.read(self)
+        current = self.scheduler.requests
+        m = self.kv_manager
+        record = StepRecord(
+            step=self.stats["steps"], start=start, seconds=time.monotonic() - start,
+            seqs=[(s.request_id, k, s.num_new_tokens) for s, k in zip(out.seqs, kinds)],
+            delta=counters - self._last_counters, preempted=list(out.preempted),
+            finished=[rid for rid in [*self._known, *arrivals] if rid not in current], arrivals=arrivals,
+            blocks_total=m.pool.num_usable, blocks_held=m.pool.num_used, blocks_cached=m.usage().blocks_cached,
+            block_bytes=self.kv_spec.block_bytes(self.kv_cache.block_size), kv_bytes_allocated=self.kv_cache.nbytes,
+            tokens_resident=sum(r.num_computed_tokens - m.position_shift(r.request_id) for r in self.scheduler.running),
+        )
+        self._last_counters, self._known = counters, set(current)
+        for observe in self.observers:
+            observe(record)
 
     def _score_prompt(self, req: Request, start: int, logits: torch.Tensor) -> None:
         """prompt_logprobs: row i of ``logits`` (position start + i) predicts prompt token start + i + 1."""

@@ -102,9 +102,7 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
-            # prompt_logprobs scores every position; a shifting request re-rotates its own blocks in place
-            bypass = req.params.prompt_logprobs is not None or req.params.context_overflow == "shift"
-            hit = PrefixHit() if bypass else self.kv.get_computed_blocks(req)
+            hit = PrefixHit() if self.kv.bypasses_prefix_cache(req) else self.kv.get_computed_blocks(req)
             n = req.num_tokens - hit.num_tokens
             if n > budget and not self.cfg.enable_chunked_prefill:
                 break

@@ -21,6 +21,9 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.ref_cnt = [0] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
+        # since the start, for traces (--explain): allocated - freed == num_used at every moment
+        self.num_allocated_total = 0
+        self.num_freed_total = 0
 
     @property
     def num_free(self) -> int:
@@ -47,6 +50,7 @@ class BlockPool:
             block_id, _ = self._free.popitem(last=False)
             self.ref_cnt[block_id] = 1
             ids.append(block_id)
+        self.num_allocated_total += n
         return ids
 
     def incref(self, block_ids: list[int]) -> None:
@@ -62,6 +66,7 @@ class BlockPool:
             self.ref_cnt[b] -= 1
             if self.ref_cnt[b] == 0:
                 self._free[b] = None
+                self.num_freed_total += 1
 
     def free_ids(self) -> list[int]:
         return list(self._free)

@@ -123,6 +123,8 @@ class KVCacheManager:
         self._swapped: dict[str, tuple[list[torch.Tensor], list[tuple[int, int]], int]] = {}
         self.swap_bytes_used = 0
         self.num_swapped_blocks = 0  # blocks currently held in the CPU pool
+        # since the start, for traces (--explain): blocks copied on write, swapped out, swapped in
+        self.num_copied_blocks = self.num_swapped_out_blocks = self.num_swapped_in_blocks = 0
 
     # ------------------------------------------------------------------ state
     def block_tables(self, request_id: str) -> list[list[int]]:
@@ -280,6 +282,7 @@ class KVCacheManager:
         if new is not None:
             for g, t in enumerate(tail):  # copy-on-write: each group's tail into its first new block
                 self.storage.copy_block(t, new[g * need])
+                self.num_copied_blocks += 1
         self.pool.decref(tail)
         if new is None:
             self.prefix_cache.unlock(hit.node)
@@ -299,13 +302,21 @@ class KVCacheManager:
             self.prefix_hits += hit.num_tokens
 
     # ------------------------------------------------------------------ prefix tree
+    @staticmethod
+    def bypasses_prefix_cache(request: Request) -> bool:
+        """Requests that neither look up nor feed the prefix tree. prompt_logprobs scores every
+        position, so it computes the prompt whole; fed back, its copy of a cached prefix would branch
+        off the tree's own blocks and pin them (a node with a child held by a running request is not
+        a leaf, so never evicted). A shifting request re-rotates its blocks in place: none may be shared."""
+        return request.params.prompt_logprobs is not None or request.params.context_overflow == "shift"
+
     def cache_blocks(self, request: Request) -> None:
         """Put the request's whole computed blocks (prompt and generated tokens alike) into the prefix
         tree as soon as they are computed, not only when it finishes: requests that share a prefix
         and arrive together then hit what the first one has already prefilled (vLLM does the same)."""
         kv = self.requests.get(request.request_id)
-        if self.prefix_cache is None or kv is None or request.params.context_overflow == "shift":
-            return  # (shifting re-rotates its blocks in place: none may be shared with the tree)
+        if self.prefix_cache is None or kv is None or self.bypasses_prefix_cache(request):
+            return
         ids = self._tree_ids(kv)
         n_full = min(request.num_computed_tokens // self.block_size, len(ids))
         if n_full > kv.num_blocks_in_tree:
@@ -332,7 +343,7 @@ class KVCacheManager:
         if self.prefix_cache is not None:
             ids = self._tree_ids(kv)
             n = min(request.num_computed_tokens, len(ids) * self.block_size)
-            if n and request.params.context_overflow != "shift":
+            if n and not self.bypasses_prefix_cache(request):
                 self.prefix_cache.insert(request.all_token_ids[:n], ids[: cdiv(n, self.block_size)])
             if kv.prefix_node is not None:
                 self.prefix_cache.unlock(kv.prefix_node)
@@ -355,6 +366,7 @@ class KVCacheManager:
         self._swapped[request.request_id] = (self.storage.copy_out(ids), layout, kv.position_shift)
         self.swap_bytes_used += nbytes
         self.num_swapped_blocks += len(ids)
+        self.num_swapped_out_blocks += len(ids)
         self.free(request)
         return True
 
@@ -366,6 +378,7 @@ class KVCacheManager:
         if new is None:
             return False
         self.storage.copy_in(new, data)
+        self.num_swapped_in_blocks += len(new)
         kv = self._kv(request.request_id)
         kv.tables, at = [], 0
         for dropped, live in layout:

@@ -30,6 +30,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=None,
                    help="most unfinished requests (running + waiting); one more gets 503 (default: no limit)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--trace", metavar="FILE", default=None,
+                   help="on shutdown, write every engine step, request phase and block count as a Chrome/Perfetto trace")
     return EngineArgs.add_cli_args(p)
 
 
@@ -54,6 +56,10 @@ def run_server(args: argparse.Namespace) -> int:
     llm = AsyncLLM(max_queue=args.max_queue, **asdict(EngineArgs.from_cli_args(args)))
     name = args.served_model_name or args.model
     app = build_app(llm, name, api_key=args.api_key)
+    if args.trace:
+        from kvserve.cli import Observers
+
+        observers = Observers(llm.engine, trace=args.trace)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
@@ -72,6 +78,8 @@ def run_server(args: argparse.Namespace) -> int:
         Server(config).run()
     finally:
         llm.shutdown()
+        if args.trace:
+            observers.close()  # the engine thread has stopped: the trace is complete
     log.info("server stopped")
     return 0
 

@@ -120,3 +120,20 @@ def test_repeated_prompt_of_any_length_computes_one_token(llm_paged):
         assert longer[0].num_cached_tokens == len(ids)
         assert tokens(longer) == tokens(off.generate([ids + [777, 778]], params, use_tqdm=False))
     llm_paged.engine.kv_manager.check_integrity()
+
+
+def test_prompt_logprobs_neither_hits_nor_pins_the_tree():
+    """A prompt_logprobs request computes its whole prompt (every position is scored), so it bypasses
+    the tree both ways. Fed back, its copy of a cached prefix would branch off the tree's blocks and pin
+    them: here the tree's 13 blocks must be evicted for the 250-token request to fit 20 blocks."""
+    llm = make_llm(num_kv_blocks=21, max_model_len=256, max_num_batched_tokens=64)
+    ids = list(range(1000, 1200))
+    llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+                 use_tqdm=False)
+    assert llm.cache_stats()["blocks_cached"] == 13
+    out = llm.generate({"prompt_token_ids": ids + list(range(2000, 2050))},
+                       SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), use_tqdm=False)[0]
+    assert len(out.prompt_logprobs) == 250 and out.num_cached_tokens == 0
+    assert llm.cache_stats()["prefix_cache_evicted_blocks"] > 0 and llm.cache_stats()["blocks_cached"] == 13 - \
+        llm.cache_stats()["prefix_cache_evicted_blocks"]
+    llm.engine.kv_manager.check_integrity()
