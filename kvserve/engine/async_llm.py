@@ -9,6 +9,7 @@ a command queue and gets results back on its own event loop::
       aclose()   --("abort", id)------->    | step()              (only while there is work)
                                             | deliver outputs --> loop.call_soon_threadsafe
       stats()    <-- snapshot dict -------  | snapshot cache_stats + stats after each step
+      inspect(fn) --("call", fn, future)-> | fn(engine) between two steps (the dashboard's view)
                                             | idle: sleep on a threading.Event
 
 Outputs are cumulative (each RequestOutput holds all the text so far), so a consumer that falls
@@ -141,6 +142,17 @@ class AsyncLLM:
     @property
     def accepting(self) -> bool:
         return self._accepting and self._dead is None
+
+    async def inspect(self, fn):
+        """``fn(engine)`` run on the engine thread between two steps, so it sees a consistent state
+        (the dashboard's snapshot of blocks, tree and requests); its result, awaited on this loop."""
+        fut = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if not self.accepting:
+                raise EngineShutdownError("the engine is shut down")
+            self._commands.put(("call", fn, fut))
+        self._wake.set()
+        return await fut
 
     # ------------------------------------------------------------------ requests
     async def add_request(self, prompt: PromptInput, params: SamplingParams | None = None,
@@ -294,6 +306,13 @@ class AsyncLLM:
                     _resolve(ack, None)
             elif kind == "abort":
                 self._abort_one(cmd[1])
+            elif kind == "call":
+                _, fn, fut = cmd
+                try:
+                    result, error = (None, final_error) if final_error is not None else (fn(self.engine), None)
+                except Exception as e:  # noqa: BLE001 - the caller gets it, the thread goes on
+                    result, error = None, e
+                _resolve(fut, error, result)
             elif kind == "shutdown":
                 for rid in list(self._streams):
                     self._abort_one(rid)
@@ -379,12 +398,12 @@ def _post(stream: RequestStream, item) -> None:
         pass  # loop closed
 
 
-def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
+def _resolve(fut: asyncio.Future, error: BaseException | None, result: Any = None) -> None:
     def set_it() -> None:
         if fut.done():  # the caller was cancelled while waiting
             return
         if error is None:
-            fut.set_result(None)
+            fut.set_result(result)
         else:
             fut.set_exception(error)
 

@@ -389,6 +389,10 @@ class KVCacheManager:
         self.drop_swap(request)
         return True
 
+    def swapped_blocks(self) -> dict[str, int]:
+        """Request id -> how many of its blocks the CPU swap pool holds."""
+        return {rid: sum(live for _, live in layout) for rid, (_, layout, _) in self._swapped.items()}
+
     def is_swapped(self, request: Request) -> bool:
         return request.request_id in self._swapped
 

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import kvserve
 from kvserve.engine.async_llm import AsyncLLM
+from kvserve.server.dashboard import dashboard_router
 from kvserve.server.metrics import Metrics
 from kvserve.server.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ErrorResponse, ModelCard,
@@ -108,6 +109,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: str, api_key: str | None =
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(dashboard_router(async_llm, api_key))  # /dashboard: the cache, live
 
     # ------------------------------------------------------------------ /v1
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)], responses=_ERRORS)

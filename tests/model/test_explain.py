@@ -113,3 +113,34 @@ def test_generate_explain_and_trace_from_the_cli(tmp_path):
     assert "the seeds' formula" in r.stderr and "trace:" in r.stderr
     events = json.loads(path.read_text())["traceEvents"]
     assert sum(ev["ph"] == "X" and ev["tid"] == 0 for ev in events) == 6
+
+
+def test_dashboard_snapshot_counts_equal_cache_stats_at_every_step():
+    """The /dashboard grid's data (kvserve.server.dashboard.snapshot), taken after every step of a swap-
+    preempting workload: its owner counts are cache_stats()'s used / cached / free, each running
+    request owns the blocks of its table, and the swap pool holds what cache_stats() says."""
+    from kvserve.server.dashboard import snapshot
+
+    llm = make_llm(num_kv_blocks=14, max_model_len=192, max_num_batched_tokens=64, max_num_seqs=5,
+                   preemption_mode="swap")
+    e = llm.engine
+    seen = {"swapped": 0, "shared": 0}
+
+    def check(_record):
+        snap, stats = snapshot(e), e.cache_stats()
+        owners = snap["blocks"]
+        used = sum(o not in ("free", "cached") for o in owners)
+        assert (used, owners.count("cached"), owners.count("free")) == \
+            (stats["blocks_used"], stats["blocks_cached"], stats["blocks_free"])
+        assert sum(n for _, n in snap["swapped"]) == stats["swapped_blocks"]
+        for r in snap["requests"]:
+            if r["status"] == "running":
+                for b in r["block_tables"][0]:
+                    assert owners[b - 1] in (r["id"], "shared")
+        seen["swapped"] += bool(snap["swapped"])
+        seen["shared"] += owners.count("shared") > 0
+
+    e.observers.append(check)
+    prompts = [SHARED + f"Question {i}: what is a {w}?" for i, w in enumerate(["cache", "queue", "tree", "heap", "map"])]
+    llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert seen["swapped"] > 0 and seen["shared"] > 0 and e.cache_stats()["preemptions"] > 0
