@@ -278,6 +278,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()
     observers.close()
+    engine.flush_kv_tiers()
 
     kv = engine.kv_cache
     mode = engine.config.cache.kv_cache
@@ -332,6 +333,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         _chat_loop(llm, args, params, system, messages, quiet=args.explain)
     finally:
         observers.close()
+        engine.flush_kv_tiers()
     return 0
 
 
@@ -380,17 +382,26 @@ def _chat_loop(llm, args, params, system: list[dict], messages: list[dict], quie
 def cmd_cache_tree(args: argparse.Namespace) -> int:
     if args.kv_cache != "paged" or args.enable_prefix_caching is False:
         raise CLIError("cache-tree needs the paged cache with prefix caching (the defaults)")
+    from kvserve.kv.spec import format_bytes
+
     params = _sampling_params(args)
     llm = _build_llm(args)
     for text in args.prompts:
         out = (llm.chat([{"role": "user", "content": text}], params) if args.chat else llm.generate(text, params))[0]
         print(f"[{len(out.prompt_token_ids)} prompt tokens, {out.num_cached_tokens} from cache] "
               f"{text[:40]!r} -> {out.outputs[0].text[:60]!r}", file=sys.stderr)
+    llm.engine.flush_kv_tiers()
     print(llm.dump_prefix_cache())
     st = llm.cache_stats()
     print(f"prefix cache: {st['prefix_cache_hits']} of {st['prefix_cache_queries']} prompt tokens hit "
           f"({st['prefix_cache_hit_rate']:.0%}), {st['blocks_cached']} blocks cached, "
           f"{st['prefix_cache_evicted_blocks']} evicted")
+    for tier in ("host", "disk"):  # KV tiers below the pool, when configured
+        if f"kv_tier_{tier}_blocks" in st:
+            t = {k.removeprefix(f"kv_tier_{tier}_"): v for k, v in st.items() if k.startswith(f"kv_tier_{tier}_")}
+            print(f"{tier} tier: {t['blocks']} blocks ({format_bytes(t['bytes'])}); {t['hits']} loaded up "
+                  f"({format_bytes(t['bytes_loaded'])} in {t['load_seconds'] * 1e3:.1f} ms), {t['stored']} stored, "
+                  f"{t['evicted']} evicted, {t['corrupt']} bad files skipped")
     return 0
 
 

@@ -157,6 +157,12 @@ class CacheConfig:
     kv_cache_policy: str = "full"
     num_sink_tokens: int = 4
     sink_window: int | None = None
+    # KV tiers below the pool (kv.tiers): blocks the prefix tree evicts go to a host pool of
+    # kv_offload_memory bytes, then to kv_cache_dir (at most kv_cache_dir_size bytes; also written
+    # through as computed, so prefixes survive a restart). Each is off unless set.
+    kv_offload_memory: int | str | None = None
+    kv_cache_dir: str | None = None
+    kv_cache_dir_size: int | str = "20GiB"
 
     def key_moves_refused(self) -> str | None:
         """Why cached keys cannot move to new positions here (the sink_window policy, a request's
@@ -203,6 +209,12 @@ class CacheConfig:
             self.enable_prefix_caching = self.kv_cache == KVCacheMode.PAGED
         if self.enable_prefix_caching and self.kv_cache != KVCacheMode.PAGED:
             raise ValueError("enable_prefix_caching needs kv_cache='paged'")
+        if self.kv_offload_memory is not None:
+            self.kv_offload_memory = parse_bytes(self.kv_offload_memory)
+        self.kv_cache_dir_size = parse_bytes(self.kv_cache_dir_size)
+        if (self.kv_offload_memory or self.kv_cache_dir) and not self.enable_prefix_caching:
+            raise ValueError("KV tiers (kv_offload_memory, kv_cache_dir) hold prefix-cache blocks: they need "
+                             "kv_cache='paged' with prefix caching on")
 
 
 @dataclass

@@ -41,6 +41,9 @@ class LLM:
         kv_cache_policy: str = "full",
         num_sink_tokens: int = 4,
         sink_window: int | None = None,
+        kv_offload_memory: str | int | None = None,
+        kv_cache_dir: str | None = None,
+        kv_cache_dir_size: str | int = "20GiB",
         max_model_len: int | None = None,
         max_num_seqs: int = 16,
         max_num_batched_tokens: int = 512,
@@ -52,7 +55,8 @@ class LLM:
             block_size=block_size, kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks,
             kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching,
             preemption_mode=preemption_mode, swap_space=swap_space, kv_cache_policy=kv_cache_policy,
-            num_sink_tokens=num_sink_tokens, sink_window=sink_window, max_model_len=max_model_len,
+            num_sink_tokens=num_sink_tokens, sink_window=sink_window, kv_offload_memory=kv_offload_memory,
+            kv_cache_dir=kv_cache_dir, kv_cache_dir_size=kv_cache_dir_size, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=enable_chunked_prefill, seed=seed)
         self.engine = LLMEngine(self.engine_args.create_engine_config())

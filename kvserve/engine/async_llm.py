@@ -235,6 +235,8 @@ class AsyncLLM:
         self._wake.set()
         if wait and self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        if wait:
+            self.engine.flush_kv_tiers()  # blocks queued for the disk tier: on disk before we exit
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:

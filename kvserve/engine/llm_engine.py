@@ -20,6 +20,7 @@ from kvserve.kv.block_pool import BlockPool
 from kvserve.kv.manager import KVCacheManager, cdiv
 from kvserve.kv.spec import KVSpec, format_bytes
 from kvserve.kv.storage import KVCache
+from kvserve.kv.tiers import DiskTier, HostTier, TieredStore, model_identity
 from kvserve.models.decoder import Decoder
 from kvserve.models.loader import DEFAULT_MODEL, load_tokenizer, load_weights, resolve_model
 from kvserve.request import CompletionOutput, Request, RequestOutput, RequestStatus
@@ -158,7 +159,8 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size, bool(cache.enable_prefix_caching),
                                          storage=self.kv_cache, num_groups=len(self.kv_spec.groups),
                                          swap_space=cache.swap_space, sink_window=sink,
-                                         max_model_len=max_len, num_keep_tokens=cache.num_sink_tokens)
+                                         max_model_len=max_len, num_keep_tokens=cache.num_sink_tokens,
+                                         tiers=self._make_tiers(src, cache))
         self.scheduler = Scheduler(sched, cache, self.kv_manager)
         self.attn_backend = select_backend(self.kv_cache, cfg.num_heads)
         eos = set(cfg.eos_token_ids)
@@ -181,6 +183,24 @@ class LLMEngine:
             format_bytes(self.kv_cache.nbytes), self.kv_spec.storage_name,
             format_bytes(self.kv_spec.bytes_per_token), self.attn_backend.name,
         )
+
+    def _make_tiers(self, src, cache: CacheConfig) -> TieredStore | None:
+        """The KV tiers below the pool, when asked for; blocks are keyed under this model's identity
+        (its file's sha256, dtype, KV dtype, block size and KV layout)."""
+        if not (cache.kv_offload_memory or cache.kv_cache_dir):
+            return None
+        layout = ";".join(f"{len(g.layers)}x{g.spec.num_kv_heads}x{g.spec.head_dim}:{g.spec.window}"
+                          for g in self.kv_spec.groups)
+        identity = model_identity(str(src.path), self.dtype, self.kv_spec.storage_name, self.kv_cache.block_size, layout)
+        host = HostTier(cache.kv_offload_memory) if cache.kv_offload_memory else None
+        disk = DiskTier(cache.kv_cache_dir, cache.kv_cache_dir_size, identity) if cache.kv_cache_dir else None
+        return TieredStore(identity, host, disk)
+
+    def flush_kv_tiers(self) -> None:
+        """Wait until the blocks queued for the disk tier are written (clean shutdown, tests)."""
+        tiers = self.kv_manager.tiers
+        if tiers is not None and tiers.disk is not None:
+            tiers.disk.flush()
 
     # ------------------------------------------------------------------ requests
     @property
@@ -426,5 +446,6 @@ class LLMEngine:
             "swapped_blocks": self.kv_manager.num_swapped_blocks,
             "requests_running": len(s.running),
             "requests_waiting": len(s.waiting),
+            **(self.kv_manager.tiers.stats() if self.kv_manager.tiers is not None else {}),
             "requests_swapped": len(s.swapped),
         }

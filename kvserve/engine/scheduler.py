@@ -39,6 +39,7 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
         self.waiting.append(req)
+        self.kv.prefetch(req)  # KV tiers: its blocks start coming up from disk while it waits
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)

@@ -48,6 +48,7 @@ import torch
 from kvserve.kv.block_pool import NULL_BLOCK, BlockPool
 from kvserve.kv.prefix_cache import BlockId, Node, RadixPrefixCache, flat
 from kvserve.kv.storage import KVCache
+from kvserve.kv.tiers import TieredStore, block_keys
 from kvserve.request import Request
 
 
@@ -94,7 +95,7 @@ class KVCacheManager:
     def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = False,
                  storage: KVCache | None = None, num_groups: int = 1, swap_space: int = 0,
                  windows: list[int | None] | None = None, sink_window: tuple[int, int] | None = None,
-                 max_model_len: int | None = None, num_keep_tokens: int = 4):
+                 max_model_len: int | None = None, num_keep_tokens: int = 4, tiers: TieredStore | None = None):
         if windows is None and storage is not None:
             windows = [g.spec.window for g in storage.spec.groups]
         self.windows = windows or [None] * num_groups  # per group: sliding window, or None (full)
@@ -114,6 +115,16 @@ class KVCacheManager:
         self.storage = storage  # the K/V tensors: copy-on-write and swap copies go through it
         self.num_groups = num_groups
         self.prefix_cache = RadixPrefixCache(pool, block_size) if enable_prefix_caching else None
+        # KV tiers (kv.tiers): evicted tree blocks go down, matches continue there, computed blocks are
+        # written through to disk
+        self.tiers = tiers if self.prefix_cache is not None else None
+        if self.tiers is not None:
+            if storage is None:
+                raise ValueError("KV tiers need the K/V storage to copy blocks out of and into")
+            self.prefix_cache.on_evict = self._write_down
+            # the shape of one tree entry's data (one block per group), for checking what comes back
+            self._like = [torch.empty((t.shape[0], num_groups * block_size, *t.shape[2:]), dtype=t.dtype, device="meta")
+                          for t in storage.tensors]
         self.requests: dict[str, RequestKV] = {}
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
@@ -227,6 +238,8 @@ class KVCacheManager:
             return PrefixHit()
         tokens = request.all_token_ids
         m = self.prefix_cache.match_prefix(tokens)
+        if self.tiers is not None and self._load_from_tiers(tokens, m):
+            m = self.prefix_cache.match_prefix(tokens)  # now down to the blocks just loaded
         blocks, tail, tail_tokens = list(m.block_ids), m.tail_block, m.tail_tokens
         if len(blocks) * self.block_size >= len(tokens):  # everything cached: the last block becomes the tail
             tail, tail_tokens = blocks.pop(), self.block_size
@@ -234,6 +247,70 @@ class KVCacheManager:
         if tail_tokens <= 0 or self.storage is None:
             tail, tail_tokens = None, 0
         return PrefixHit(blocks, m.node, tail, tail_tokens, len(blocks) * self.block_size + tail_tokens)
+
+    # ------------------------------------------------------------------ KV tiers
+    def _entry_data(self, entry: BlockId) -> list[torch.Tensor]:
+        return self.storage.copy_out(flat([entry]))
+
+    def _write_down(self, leaf: Node) -> None:
+        """The tree evicts ``leaf``: its whole blocks go down a tier instead of being dropped."""
+        full = [i for i, b in enumerate(leaf.blocks) if len(b) == self.block_size]
+        if not full:
+            return  # a partial leaf (fewer than block_size tokens) has no key
+        keys = block_keys(self.tiers.identity, self.prefix_cache.path_tokens(leaf), self.block_size)
+        keys = keys[len(keys) - len(leaf.blocks) :]
+        for i in full:
+            self.tiers.evicted(keys[i], self._entry_data(leaf.block_ids[i]))
+
+    def _load_from_tiers(self, tokens: list[int], m) -> bool:
+        """Extend a tree match with the request's next whole blocks found in the tiers: copy them up into
+        new pool blocks and add them to the tree (which then holds them alone, like any cached block).
+        At least one token is left to compute. True when any block came up."""
+        bs, start = self.block_size, len(m.block_ids)
+        last = (len(tokens) - 1) // bs
+        if start >= last or (m.node is not self.prefix_cache.root and len(m.node.blocks[-1]) < bs):
+            return False
+        keys = block_keys(self.tiers.identity, tokens[: last * bs], bs)
+        n = 0
+        while start + n < last and self.tiers.has(keys[start + n]):
+            n += 1
+        if n == 0:
+            return False
+        self.prefix_cache.lock(m.node)  # making room evicts leaves: never the path this match stands on
+        try:
+            new = self._take(n * self.num_groups)
+            if new is None:
+                return False
+            entries = []
+            for j in range(n):
+                data = self.tiers.load(keys[start + j], self._like)
+                if data is None:  # gone or unreadable (counted): compute from here on
+                    break
+                ids = new[j * self.num_groups : (j + 1) * self.num_groups]
+                self.storage.copy_in(ids, data)
+                entries.append(ids[0] if self.num_groups == 1 else tuple(ids))
+            if entries:
+                self.prefix_cache.insert(tokens[: (start + len(entries)) * bs], list(m.block_ids) + entries)
+            self.pool.decref(new)  # the tree keeps what it took; the rest goes back
+        finally:
+            self.prefix_cache.unlock(m.node)
+        return bool(entries)
+
+    def prefetch(self, request: Request) -> None:
+        """A request was queued: start reading its blocks from disk into the host pool now."""
+        if self.tiers is not None and not self.bypasses_prefix_cache(request):
+            tokens = request.all_token_ids
+            self.tiers.prefetch(block_keys(self.tiers.identity, tokens[: len(tokens) - 1], self.block_size), self._like)
+
+    def _write_through(self, request: Request, kv: RequestKV, first: int, n_full: int) -> None:
+        """Blocks first .. n_full-1 of the request were just computed in full: to the disk tier."""
+        if self.tiers is None or self.tiers.disk is None or not self.tiers.write_through:
+            return
+        keys = block_keys(self.tiers.identity, request.all_token_ids[: n_full * self.block_size], self.block_size)
+        entries = self._tree_ids(kv)
+        for i in range(first, n_full):
+            if keys[i] not in self.tiers.disk:
+                self.tiers.computed(keys[i], self._entry_data(entries[i]))
 
     # ------------------------------------------------------------------ allocation
     def blocks_needed(self, request: Request, num_new_tokens: int) -> int:
@@ -321,6 +398,7 @@ class KVCacheManager:
         n_full = min(request.num_computed_tokens // self.block_size, len(ids))
         if n_full > kv.num_blocks_in_tree:
             self.prefix_cache.insert(request.all_token_ids[: n_full * self.block_size], ids[:n_full])
+            self._write_through(request, kv, kv.num_blocks_in_tree, n_full)
             kv.num_blocks_in_tree = n_full
 
     def _tree_ids(self, kv: RequestKV) -> list[BlockId]:

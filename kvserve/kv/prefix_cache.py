@@ -84,6 +84,7 @@ class RadixPrefixCache:
         self._clock = itertools.count(1)  # logical time: exact, testable LRU order
         self.num_blocks = 0  # blocks held by the tree
         self.evicted_blocks = 0
+        self.on_evict: Callable[[Node], None] | None = None  # KV tiers: write an evicted leaf down first
 
     # ------------------------------------------------------------------ helpers
     def _split_tokens(self, token_ids: list[int]) -> list[Block]:
@@ -186,6 +187,14 @@ class RadixPrefixCache:
             node = node.parent
 
     # ------------------------------------------------------------------ eviction
+    def path_tokens(self, node: Node) -> list[int]:
+        """The token ids from the root down to the end of ``node``."""
+        blocks = []
+        while node is not self.root:
+            blocks = node.blocks + blocks
+            node = node.parent
+        return [t for b in blocks for t in b]
+
     def _nodes(self):
         stack = [self.root]
         while stack:
@@ -205,6 +214,8 @@ class RadixPrefixCache:
         while heap and freed < num_blocks:
             _, _, leaf = heapq.heappop(heap)
             before = self.pool.num_free
+            if self.on_evict is not None:
+                self.on_evict(leaf)
             self.pool.decref(flat(leaf.block_ids))
             freed += self.pool.num_free - before
             self.num_blocks -= leaf.num_blocks

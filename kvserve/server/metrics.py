@@ -56,6 +56,19 @@ _COUNTERS = [
 ]
 
 
+_TIER_METRICS = [
+    ("hits", CounterMetricFamily, "KV blocks loaded up from this tier on a prefix match."),
+    ("bytes_loaded", CounterMetricFamily, "Bytes loaded up from this tier."),
+    ("load_seconds", CounterMetricFamily, "Seconds spent loading blocks from this tier."),
+    ("stored", CounterMetricFamily, "KV blocks written into this tier."),
+    ("evicted", CounterMetricFamily, "KV blocks this tier dropped for room (LRU)."),
+    ("corrupt", CounterMetricFamily, "Files skipped as corrupt, truncated or another model's (disk)."),
+    ("write_errors", CounterMetricFamily, "Writes that failed (the disk tier then stops writing)."),
+    ("blocks", GaugeMetricFamily, "KV blocks this tier holds."),
+    ("bytes", GaugeMetricFamily, "Bytes this tier holds."),
+]
+
+
 class _EngineCollector:
     """Reads one stats() snapshot per scrape. Keys the engine does not report yet read as 0."""
 
@@ -72,6 +85,14 @@ class _EngineCollector:
             c = CounterMetricFamily(name, doc, labels=["model_name"])
             c.add_metric([self.model_name], float(s.get(key) or 0))
             yield c
+        # KV tiers (only those configured): one series per tier
+        tiers = [t for t in ("host", "disk") if f"kv_tier_{t}_blocks" in s]
+        if tiers:
+            for key, family, doc in _TIER_METRICS:
+                m = family(f"kvserve_kv_tier_{key}", doc, labels=["model_name", "tier"])
+                for t in tiers:
+                    m.add_metric([self.model_name, t], float(s.get(f"kv_tier_{t}_{key}") or 0))
+                yield m
 
 
 class Metrics:

@@ -29,7 +29,8 @@ EVERY_FLAG = EngineArgs(
     model="/models/other.gguf", dtype="bfloat16", device="cuda", quantization="w8a8", kv_cache="contiguous",
     block_size=32, kv_cache_memory="256MiB", num_kv_blocks=100, kv_cache_dtype="bfloat16",
     enable_prefix_caching=False, preemption_mode="swap", swap_space="1GiB", kv_cache_policy="sink_window",
-    num_sink_tokens=8, sink_window=256, max_model_len=1024, max_num_seqs=4,
+    num_sink_tokens=8, sink_window=256, kv_offload_memory="8GiB", kv_cache_dir="/tmp/kv", kv_cache_dir_size="1GiB",
+    max_model_len=1024, max_num_seqs=4,
     max_num_batched_tokens=2048, enable_chunked_prefill=False, seed=7,
 )
 
@@ -111,10 +112,17 @@ def test_bad_values_are_refused_by_argparse(capsys, command, flag, bad):
 def test_create_engine_config():
     from dataclasses import replace
 
-    # (the sink_window policy needs the paged cache and an unquantized one: checked with its own flags)
-    sink = replace(EVERY_FLAG, kv_cache="paged", kv_cache_dtype="auto").create_engine_config().cache
+    # (the sink_window policy needs the paged cache and an unquantized one, the KV tiers a prefix cache:
+    # each checked with its own flags)
+    no_tiers = dict(kv_offload_memory=None, kv_cache_dir=None)
+    sink = replace(EVERY_FLAG, kv_cache="paged", kv_cache_dtype="auto", **no_tiers).create_engine_config().cache
     assert (sink.kv_cache_policy, sink.num_sink_tokens, sink.sink_window) == ("sink_window", 8, 256)
-    cfg = replace(EVERY_FLAG, kv_cache_policy="full").create_engine_config()
+    tiers = replace(EVERY_FLAG, kv_cache="paged", kv_cache_policy="full", enable_prefix_caching=True)
+    t = tiers.create_engine_config().cache
+    assert (t.kv_offload_memory, t.kv_cache_dir, t.kv_cache_dir_size) == (8 << 30, "/tmp/kv", 1 << 30)
+    with pytest.raises(ValueError, match="prefix caching"):
+        replace(tiers, enable_prefix_caching=False).create_engine_config()
+    cfg = replace(EVERY_FLAG, kv_cache_policy="full", **no_tiers).create_engine_config()
     assert (cfg.model, cfg.dtype, cfg.device, cfg.quantization, cfg.seed, cfg.max_model_len) == (
         "/models/other.gguf", "bfloat16", "cuda", "w8a8", 7, 1024)
     c = cfg.cache
