@@ -89,6 +89,7 @@ class RequestKV:
     num_blocks_in_tree: int = 0  # leading blocks already inserted into the prefix tree
     num_dropped: list[int] = field(default_factory=list)  # per group: leading entries given back (now null)
     position_shift: int = 0  # sink_window: tokens removed from the middle (cache position = text position - this)
+    keys: list[str] = field(default_factory=list)  # KV tiers: chained keys of its whole blocks so far
 
 
 class KVCacheManager:
@@ -306,7 +307,8 @@ class KVCacheManager:
         """Blocks first .. n_full-1 of the request were just computed in full: to the disk tier."""
         if self.tiers is None or self.tiers.disk is None or not self.tiers.write_through:
             return
-        keys = block_keys(self.tiers.identity, request.all_token_ids[: n_full * self.block_size], self.block_size)
+        keys = kv.keys = block_keys(self.tiers.identity, request.all_token_ids[: n_full * self.block_size],
+                                    self.block_size, kv.keys)
         entries = self._tree_ids(kv)
         for i in range(first, n_full):
             if keys[i] not in self.tiers.disk:

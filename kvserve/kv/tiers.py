@@ -57,10 +57,12 @@ def model_identity(model_path: str | None, dtype: torch.dtype, kv_dtype: str, bl
     return h.hexdigest()
 
 
-def block_keys(identity: str, token_ids: list[int], block_size: int) -> list[str]:
-    """Chained keys of the whole blocks of ``token_ids``: key_i = sha256(key_{i-1} + tokens of block i)."""
-    keys, parent = [], bytes.fromhex(identity)
-    for i in range(len(token_ids) // block_size):
+def block_keys(identity: str, token_ids: list[int], block_size: int, known: list[str] | None = None) -> list[str]:
+    """Chained keys of the whole blocks of ``token_ids``: key_i = sha256(key_{i-1} + tokens of block i).
+    ``known``: keys already computed for a prefix of these tokens (a growing request), reused."""
+    keys = list(known or [])[: len(token_ids) // block_size]
+    parent = bytes.fromhex(keys[-1] if keys else identity)
+    for i in range(len(keys), len(token_ids) // block_size):
         block = token_ids[i * block_size : (i + 1) * block_size]
         parent = hashlib.sha256(parent + struct.pack(f"<{block_size}q", *block)).digest()
         keys.append(parent.hex())

@@ -129,3 +129,8 @@ def test_two_processes_on_one_directory_never_read_half_a_file(tmp_path):
                 reads += 1
                 assert torch.equal(got[0], got[1]) and got[0].unique().numel() == 1
     assert proc.returncode == 0 and reads > 0 and reader.stats.corrupt == 0
+
+
+def test_keys_extend_a_known_prefix():
+    tokens = list(range(100))
+    assert block_keys(ID, tokens, 16, known=block_keys(ID, tokens[:40], 16)) == block_keys(ID, tokens, 16)
