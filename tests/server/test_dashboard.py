@@ -27,8 +27,11 @@ SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
 
 @pytest.fixture(scope="module")
 def dash_server(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("dashboard"), "dashboard", "--kv-cache-memory", "48MiB",
-                       "--max-num-seqs", "8")
+    tmp = tmp_path_factory.mktemp("dashboard")
+    # with both KV tiers on (docs/kv_tiers.md): the page must show the pool the same way, and /metrics
+    # exports the tiers' series
+    srv = start_server(tmp, "dashboard", "--kv-cache-memory", "48MiB", "--max-num-seqs", "8",
+                       "--kv-offload-memory", "64MiB", "--kv-cache-dir", str(tmp / "kv"))
     try:
         yield srv.wait_ready()
     finally:
@@ -139,8 +142,12 @@ def test_the_grafana_dashboard_queries_metrics_the_server_exports(dash_server):
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     names = set(re.findall(r"kvserve_[a-z_]+", " ".join(exprs)))
     assert len(dash["panels"]) >= 8 and len(names) >= 12
-    exported = set(re.findall(r"^(kvserve_[a-z_]+)", httpx.get(f"{dash_server.url}/metrics").text, re.M))
+    text = httpx.get(f"{dash_server.url}/metrics").text
+    exported = set(re.findall(r"^(kvserve_[a-z_]+)", text, re.M))
     assert names <= exported, names - exported
+    for tier in ("host", "disk"):  # the KV tiers this server runs with, one series each
+        assert re.search(rf'^kvserve_kv_tier_hits_total{{.*tier="{tier}".*}} ', text, re.M), text[-2000:]
+        assert re.search(rf'^kvserve_kv_tier_bytes{{.*tier="{tier}".*}} ', text, re.M)
 
 
 def test_serve_writes_its_trace_on_shutdown(tmp_path):
