@@ -261,7 +261,8 @@ class KVCacheManager:
         keys = block_keys(self.tiers.identity, self.prefix_cache.path_tokens(leaf), self.block_size)
         keys = keys[len(keys) - len(leaf.blocks) :]
         for i in full:
-            self.tiers.evicted(keys[i], self._entry_data(leaf.block_ids[i]))
+            if self.tiers.wants(keys[i]):  # copy out only what no tier holds yet
+                self.tiers.evicted(keys[i], self._entry_data(leaf.block_ids[i]))
 
     def _load_from_tiers(self, tokens: list[int], m) -> bool:
         """Extend a tree match with the request's next whole blocks found in the tiers: copy them up into

@@ -267,6 +267,13 @@ class TieredStore:
     def has(self, key: str) -> bool:
         return (self.host is not None and key in self.host) or (self.disk is not None and key in self.disk)
 
+    def wants(self, key: str) -> bool:
+        """Whether an evicted block needs copying out: not when its tier already holds it (with the
+        write-through, a disk-only store holds every block it will ever get)."""
+        if self.host is not None:
+            return key not in self.host
+        return self.disk is not None and key not in self.disk
+
     def evicted(self, key: str, data: Data) -> None:
         """A block the prefix tree gave up: into the host pool, and what that evicts onto the disk."""
         spill = self.host.put(key, data) if self.host is not None else [(key, data)]

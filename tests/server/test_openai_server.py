@@ -301,9 +301,11 @@ def test_context_overflow_truncate_and_shift(server):
     out = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=4, temperature=0,
                                     extra_body={"context_overflow": "truncate"})
     assert out.usage.prompt_tokens == 512 - 4 and len(out.choices[0].text) > 0  # its last 508 tokens, room for 4
-    out = client.completions.create(model=MODEL, prompt="Once upon a time,", max_tokens=530, temperature=0,
+    # ~490 prompt tokens + 40 new ones pass the context: the request shifts instead of stopping
+    out = client.completions.create(model=MODEL, prompt="hello " * 490, max_tokens=40, temperature=0,
                                     extra_body={"context_overflow": "shift", "ignore_eos": True})
-    assert out.usage.completion_tokens == 530 and out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens + 40 > 512
+    assert out.usage.completion_tokens == 40 and out.choices[0].finish_reason == "length"
     r = httpx.post(f"{server.url}/v1/completions", headers=server.headers,
                    json={"model": MODEL, "prompt": "hi", "context_overflow": "wrap"})
     assert r.status_code == 400

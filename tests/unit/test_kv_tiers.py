@@ -134,3 +134,14 @@ def test_two_processes_on_one_directory_never_read_half_a_file(tmp_path):
 def test_keys_extend_a_known_prefix():
     tokens = list(range(100))
     assert block_keys(ID, tokens, 16, known=block_keys(ID, tokens[:40], 16)) == block_keys(ID, tokens, 16)
+
+
+def test_a_block_a_tier_already_holds_is_not_copied_out_again(tmp_path):
+    host_store = TieredStore(ID, HostTier(1 << 20))
+    assert host_store.wants("k1")
+    host_store.evicted("k1", block(1))
+    assert not host_store.wants("k1")
+    disk = DiskTier(str(tmp_path), 1 << 30, ID)
+    disk_store = TieredStore(ID, None, disk)
+    disk_store.computed("k2", block(2))  # written through
+    assert not disk_store.wants("k2") and disk_store.wants("k3")
