@@ -58,6 +58,12 @@ def normalize_prompt(prompt: PromptType | None, tokenizer,
 
 
 # ---------------------------------------------------------------------- chat
+def truncate_room(max_tokens: int | None, max_model_len: int) -> int:
+    """context_overflow="truncate": the room a too-long prompt leaves for generation when cut to its
+    last tokens (max_tokens, at most half the context)."""
+    return min(max_tokens or max_model_len, max_model_len // 2)
+
+
 def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """The conversation as text, through the model's chat template (Jinja only: safe off the engine thread)."""
     try:

@@ -49,6 +49,24 @@ def tokenizer(model_src):
     return load_tokenizer(model_src)
 
 
+def run_in_steps(llm, prompt, params, watch=None):
+    """Run one request step by step: (its final output, the most blocks the pool held at once), with
+    ``check_integrity()`` after every step and the pool empty at the end. ``watch(request_kv, request)``
+    sees the request's KV state after each step."""
+    e = llm.engine
+    rid = e.add_request(prompt, params)
+    most, out = 0, None
+    while e.has_unfinished_requests():
+        for o in e.step():
+            out = o
+        most = max(most, e.kv_manager.pool.num_used)
+        e.kv_manager.check_integrity()
+        if watch is not None and rid in e.kv_manager.requests:
+            watch(e.kv_manager.requests[rid], e.requests[rid])
+    assert out.request_id == rid and e.kv_manager.pool.num_used == 0
+    return out, most
+
+
 def make_llm(**kw):
     from kvserve import LLM
 

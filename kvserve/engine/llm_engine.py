@@ -229,8 +229,7 @@ class LLMEngine:
                 raise ValueError(f"context_overflow='shift' {self.config.cache.key_moves_refused()}")
             return ids
         if overflow == "truncate" and len(ids) >= self.max_model_len:
-            room = min(params.max_tokens or self.max_model_len, self.max_model_len // 2)
-            return ids[len(ids) - (self.max_model_len - room):]
+            return ids[len(ids) - (self.max_model_len - prompts.truncate_room(params.max_tokens, self.max_model_len)):]
         if len(ids) >= self.max_model_len and not self.sink_policy:
             raise ValueError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "

@@ -46,6 +46,9 @@ class KVCounters:
     def __sub__(self, other: "KVCounters") -> "KVCounters":
         return KVCounters(*(a - b for a, b in zip(vars(self).values(), vars(other).values())))
 
+    def __add__(self, other: "KVCounters") -> "KVCounters":
+        return KVCounters(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
+
 
 @dataclass
 class StepRecord:
@@ -102,7 +105,7 @@ class Explainer:
 
     def __call__(self, r: StepRecord) -> None:
         self.records += 1
-        self.total = KVCounters(*(a + b for a, b in zip(vars(self.total).values(), vars(r.delta).values())))
+        self.total = self.total + r.delta
         self.tokens += sum(n for _, _, n in r.seqs)
         if self.peak is None or (r.blocks_in_use, r.tokens_resident) > (self.peak.blocks_in_use, self.peak.tokens_resident):
             self.peak = r

@@ -270,7 +270,7 @@ class KVCacheManager:
         At least one token is left to compute. True when any block came up."""
         bs, start = self.block_size, len(m.block_ids)
         last = (len(tokens) - 1) // bs
-        if start >= last or (m.node is not self.prefix_cache.root and len(m.node.blocks[-1]) < bs):
+        if start >= last:  # (a match walks whole blocks only: it never ends in a partial leaf)
             return False
         keys = block_keys(self.tiers.identity, tokens[: last * bs], bs)
         n = 0

@@ -97,6 +97,9 @@ class HostTier:
     def __contains__(self, key: str) -> bool:
         return key in self.blocks
 
+    def __len__(self) -> int:
+        return len(self.blocks)
+
     def put(self, key: str, data: Data) -> list[tuple[str, Data]]:
         """Store a block; returns the blocks evicted for room (for the tier below)."""
         size, out = _nbytes(data), []
@@ -155,6 +158,9 @@ class DiskTier:
 
     def __contains__(self, key: str) -> bool:
         return key in self.index or key in self._pending or self.path(key).exists()
+
+    def __len__(self) -> int:
+        return len(self.index)
 
     # ------------------------------------------------------------------ writes (background thread)
     def put(self, key: str, data: Data) -> None:
@@ -324,6 +330,6 @@ class TieredStore:
                 continue
             for k, v in vars(tier.stats).items():
                 out[f"kv_tier_{name}_{k}"] = v
-            out[f"kv_tier_{name}_blocks"] = len(tier.blocks) if name == "host" else len(tier.index)
+            out[f"kv_tier_{name}_blocks"] = len(tier)
             out[f"kv_tier_{name}_bytes"] = tier.used
         return out

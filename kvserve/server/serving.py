@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvserve.engine.async_llm import AsyncLLM, EngineShutdownError, QueueFullError, RequestStream
-from kvserve.prompts import as_prompt_list, encode_chat, normalize_prompt
+from kvserve.prompts import as_prompt_list, encode_chat, normalize_prompt, truncate_room
 from kvserve.request import CompletionOutput, RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.metrics import Metrics, RequestTimer
@@ -137,7 +137,7 @@ class OpenAIServing:
         if overflow == "shift":  # generation continues past the context
             return requested or default
         if overflow == "truncate":  # the engine keeps the prompt's last tokens (LLMEngine.check_prompt)
-            prompt_len = min(prompt_len, limit - min(requested or limit, limit // 2))
+            prompt_len = min(prompt_len, limit - truncate_room(requested, limit))
         if prompt_len >= limit:
             return requested or 1  # the engine refuses the prompt, in vLLM's words
         room = limit - prompt_len

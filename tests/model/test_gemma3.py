@@ -10,7 +10,7 @@ import torch
 
 from kvserve import SamplingParams
 from kvserve.ppl import corpus_text
-from tests.conftest import load_hf_model
+from tests.conftest import load_hf_model, run_in_steps
 
 WINDOW = 512
 SHORT = "The history of the city begins in the"
@@ -209,23 +209,6 @@ def test_shift_keys_rotates_each_group_with_its_own_base(gemma):
     kv.blocks(0)[0][3] = 0.0
 
 
-def run_in_steps(llm, ids: list[int], params: SamplingParams, watch=None) -> tuple[list[int], int]:
-    """The request's tokens and the most blocks the pool held at once, integrity checked every step
-    (``watch(request_kv, request)`` sees the request's KV state after each step)."""
-    e = llm.engine
-    rid = e.add_request({"prompt_token_ids": ids}, params)
-    most, out = 0, None
-    while e.has_unfinished_requests():
-        for o in e.step():
-            out = o
-        most = max(most, e.kv_manager.pool.num_used)
-        e.kv_manager.check_integrity()
-        if watch is not None and rid in e.kv_manager.requests:
-            watch(e.kv_manager.requests[rid], e.requests[rid])
-    assert e.kv_manager.pool.num_used == 0
-    return out.outputs[0].token_ids, most
-
-
 def test_sink_window_on_gemma_runs_past_max_model_len_in_flat_memory_and_keeps_perplexity(gemma, long_ids):
     """The full layers keep 1 sink block + a 128-token window, and every group drops the same middle
     entries: 700 prompt tokens + 40 generated (~3x max_model_len 256) in <= 6 x 14 blocks. Teacher-forced
@@ -234,7 +217,9 @@ def test_sink_window_on_gemma_runs_past_max_model_len_in_flat_memory_and_keeps_p
 
     sink = gemma_llm(kv_cache_policy="sink_window", num_sink_tokens=4, sink_window=128, max_model_len=256,
                      max_num_batched_tokens=64, enable_prefix_caching=False, num_kv_blocks=200)
-    tokens, most = run_in_steps(sink, long_ids, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    out, most = run_in_steps(sink, {"prompt_token_ids": long_ids}, SamplingParams(max_tokens=40, temperature=0,
+                                                                                ignore_eos=True))
+    tokens = out.outputs[0].token_ids
     # per group: the sink block, the window's 8, a 64-token prompt chunk's 4 and the block being filled
     assert len(tokens) == 40 and most <= 6 * (1 + 128 // 16 + 64 // 16 + 1)
     full = perplexity(gemma, long_ids, window=700).perplexity
@@ -256,8 +241,9 @@ def test_context_shift_on_gemma_reaches_back_over_given_back_blocks(long_ids):
         cache_len = request.num_computed_tokens - kv.position_shift
         reached.append(kv.position_shift > 0 and cache_len - WINDOW < kv.num_dropped[0] * 16)
 
-    tokens, most = run_in_steps(llm, long_ids, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
-                                                               context_overflow="shift"), watch)
+    out, most = run_in_steps(llm, {"prompt_token_ids": long_ids}, SamplingParams(
+        max_tokens=40, temperature=0, ignore_eos=True, context_overflow="shift"), watch)
+    tokens = out.outputs[0].token_ids
     assert any(reached)
     # the full group's 640 tokens, and per sliding group its window and a 64-token chunk (+ 1 block)
     assert len(tokens) == 40 and most <= 640 // 16 + 5 * (-(-(WINDOW - 1 + 64) // 16) + 1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvserve import SamplingParams
-from tests.conftest import make_llm
+from tests.conftest import make_llm, run_in_steps
 
 SINK = dict(kv_cache_policy="sink_window", num_sink_tokens=4, sink_window=128, max_model_len=256,
             max_num_batched_tokens=64, enable_prefix_caching=False)
@@ -43,24 +43,16 @@ def test_short_generation_equals_the_full_policy():
 
 def test_generation_runs_three_times_max_model_len_in_flat_memory():
     llm = make_llm(num_kv_blocks=40, **SINK)
-    e = llm.engine
     # 3 x max_model_len in all: a 500-token prompt (chunked prefill, past the context already) and
     # 268 generated tokens, so both phases slide the window
     n_new = 3 * 256 - 500
     prompt = llm.get_tokenizer().encode("Once upon a time, in a small village by the sea, " * 60)[:500]
-    rid = e.add_request({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True))
-    most = 0
-    out = None
-    while e.has_unfinished_requests():
-        for o in e.step():
-            out = o
-        most = max(most, e.kv_manager.pool.num_used)
-        e.kv_manager.check_integrity()
-    assert out.request_id == rid and len(out.outputs[0].token_ids) == n_new
+    out, most = run_in_steps(llm, {"prompt_token_ids": prompt},
+                             SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True))
+    assert len(out.outputs[0].token_ids) == n_new
     assert out.outputs[0].finish_reason == "length"
     # 1 sink block + the window's 8 blocks + a 64-token prompt chunk's 4 + the block being filled
     assert most <= 1 + 128 // 16 + 64 // 16 + 1
-    assert e.kv_manager.pool.num_used == 0
     assert out.outputs[0].text.isprintable() or "\n" in out.outputs[0].text
 
 
@@ -109,16 +101,9 @@ def test_context_shift_generates_past_max_model_len_in_bounded_memory():
     llm = make_llm(max_model_len=128, max_num_batched_tokens=64)
     prompt = "Once upon a time, in a small village by the sea,"
     shift = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True, context_overflow="shift")
-    e = llm.engine
-    rid = e.add_request(prompt, shift)
-    most, out = 0, None
-    while e.has_unfinished_requests():
-        for o in e.step():
-            out = o
-        most = max(most, e.kv_manager.pool.num_used)
-        e.kv_manager.check_integrity()
-    assert out.request_id == rid and len(out.outputs[0].token_ids) == 300
-    assert most <= 128 // 16 and e.kv_manager.prefix_cache.num_blocks == 0
+    out, most = run_in_steps(llm, prompt, shift)
+    assert len(out.outputs[0].token_ids) == 300
+    assert most <= 128 // 16 and llm.engine.kv_manager.prefix_cache.num_blocks == 0
     plain = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=300, ignore_eos=True), use_tqdm=False)[0]
     assert plain.outputs[0].finish_reason == "length" and len(plain.outputs[0].token_ids) < 128
     n = len(plain.outputs[0].token_ids)
