@@ -27,14 +27,18 @@ runs at ~30 GB/s; the arithmetic alone, from cache, at ~40 GB/s).
   * work split into equal *costs* (tokens to read) per thread, not equal counts of requests.
 
 Built on first use with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja; ~1 minute, cached per
-CPU type under ~/.cache/torch_extensions; later processes load the build in ~0.1 s). A build says so on
-stderr (a logging warning) once it has run for a second or two, instead of a silent minute. Anything
-missing -> a warning and the PyTorch path. KVSERVE_CPU_KERNELS=0 turns it off.
+CPU type and Python environment under ~/.cache/torch_extensions/kvserve-<env>; later processes load the
+build in ~0.1 s). A build says so on stderr (a logging warning) once it has run for a second or two,
+instead of a silent minute. Anything missing -> a warning and the PyTorch path. KVSERVE_CPU_KERNELS=0
+turns it off.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -396,6 +400,40 @@ _state: dict = {"module": None, "tried": False}
 _ANNOUNCE_AFTER_S = 1.5
 
 
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def build_directory(name: str) -> str:
+    """Where ``name`` is built: torch's extensions root, one folder per Python environment and CPU. Two
+    checkouts with their own venvs compile with different include paths, so in one shared folder each
+    would rebuild the other's build in turn; and a -march=native build must never load on a CPU that
+    lacks an instruction it uses."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    env = hashlib.sha256(f"{sys.prefix}|{torch.__version__}|{_cpu_flags()}".encode()).hexdigest()[:10]
+    path = os.path.join(root, f"kvserve-{env}", name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _locked_build(build_dir: str, build):
+    """Run ``build`` while holding an flock on the build folder. torch's own lock is a file that exists
+    while a build runs; a process killed mid-build (Ctrl-C, a test run stopped, a session ending) leaves
+    it behind, and every later load waits on it forever. The kernel releases an flock when its holder
+    dies, so once we hold ours no one else is building here, and a torch lock file found now is stale."""
+    with open(os.path.join(build_dir, "kvserve.flock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # waits while another live process builds this extension
+        stale = os.path.join(build_dir, "lock")
+        if os.path.exists(stale):
+            log.warning("removing a stale build lock left by a killed build: %s", stale)
+            os.remove(stale)
+        return build()
+
+
 def build_extension(name: str, source: str, functions: list[str], what: str):
     """Build (or load the cached build of) one C++ extension; None, with a warning, when it cannot be
     built (no compiler, no ninja, no headers) or KVSERVE_CPU_KERNELS=0. Shared by this module and
@@ -422,13 +460,14 @@ def build_extension(name: str, source: str, functions: list[str], what: str):
         # being loaded on an AVX2 machine that shares the cache directory. The math flags let the compiler
         # vectorize the dot products (reassociating float sums) without assuming away the -inf above.
         cap = torch.backends.cpu.get_cpu_capability().lower()
-        module = load_inline(
-            name=f"{name}_{cap}", cpp_sources=[source], functions=functions,
+        build_dir = build_directory(f"{name}_{cap}")
+        module = _locked_build(build_dir, lambda: load_inline(
+            name=f"{name}_{cap}", cpp_sources=[source], functions=functions, build_directory=build_dir,
             extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
                           "-fno-trapping-math", "-fopenmp"],
             # at::parallel_for is OpenMP in the headers; the libgomp.so.1 torch already loaded serves it
             extra_ldflags=["-fopenmp"],
-            verbose=False)
+            verbose=False))
     except Exception as e:  # the PyTorch paths still work
         log.warning("C++ %s unavailable (%s: %s); using the PyTorch path", what, type(e).__name__, e)
     finally:

@@ -150,3 +150,35 @@ def test_bf16_per_token_ops_round_like_the_pytorch_chain():
     ref = apply_rotary(qk.clone(), rot.cos[positions].unsqueeze(1), rot.sin[positions].unsqueeze(1))
     cpu_kernels.kernel("rotary_")(qk, rot.cos, rot.sin, positions)
     close(qk, ref)
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next(tmp_path):
+    """torch's build lock is a plain file: a build killed midway leaves it, and torch then waits on it
+    forever (a whole CI run was lost this way). Under our flock it is known to be stale and removed."""
+    (tmp_path / "lock").write_text("")
+    assert cpu_kernels._locked_build(str(tmp_path), lambda: "built") == "built"
+    assert not (tmp_path / "lock").exists()
+
+
+def test_a_live_build_is_waited_for(tmp_path):
+    """While another live process holds the build flock, a second build waits for it to finish."""
+    import subprocess
+    import sys
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('held', flush=True); time.sleep(1.5)"), str(tmp_path / "kvserve.flock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    t0 = time.monotonic()
+    assert cpu_kernels._locked_build(str(tmp_path), lambda: "built") == "built"
+    assert time.monotonic() - t0 > 0.5
+    holder.wait()
+
+
+def test_each_python_environment_builds_in_its_own_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    a = cpu_kernels.build_directory("x")
+    monkeypatch.setattr("sys.prefix", "/some/other/venv")
+    b = cpu_kernels.build_directory("x")
+    assert a != b and os.path.isdir(a) and os.path.isdir(b)
