@@ -611,6 +611,12 @@ def model_info(model: str) -> dict:
         "context_length": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "num_params": cfg.num_params(),
+        "num_active_params": cfg.num_params(active=True),  # per token: a MoE layer runs only its top-k experts
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "moe_intermediate_size": cfg.expert_size if cfg.num_experts else None,
+        "shared_expert_intermediate_size": cfg.shared_expert_intermediate_size,
+        "moe_layers": [i for i in range(cfg.num_layers) if cfg.is_moe(i)],
         "kv_bytes_per_token_fp32": KVSpec.from_model(cfg, torch.float32).bytes_per_token,
         "kv_bytes_per_token_bf16": KVSpec.from_model(cfg, torch.bfloat16).bytes_per_token,
         # every --kv-cache-dtype: 16/32-bit values, or quantized codes + their scales
@@ -655,6 +661,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("tied embeddings", "yes" if i["tie_word_embeddings"] else "no"),
         ("parameters", f"{n / 1e6:.1f}M ({n:,})"),
     ]
+    if i["num_experts"]:
+        a = i["num_active_params"]
+        rows[-1:-1] = [("experts", f"{i['num_experts']} of width {i['moe_intermediate_size']} on "
+                                   f"{len(i['moe_layers'])} of {i['num_layers']} layers, top-{i['num_experts_per_tok']} per token"
+                                   + (f", plus a shared expert of width {i['shared_expert_intermediate_size']}"
+                                      if i["shared_expert_intermediate_size"] else ""))]
+        rows.append(("active parameters", f"{a / 1e6:.1f}M per token ({a:,}; {a / n:.0%} of all)"))
     for label, b in i["kv_bytes_per_token"].items():
         rows.append((f"KV per token {label}", f"{b:,} bytes = {format_bytes(b)} "
                                               f"({format_bytes(i['kv_bytes_per_context'][label])} for one {ctx}-token sequence)"))

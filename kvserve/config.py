@@ -63,7 +63,14 @@ class ModelConfig:
       themselves included, and rotate with ``rope_local_theta``; "full" layers see everything and use
       ``rope_theta``), ``qk_norm`` (RMSNorm over each head's q and k before RoPE), ``sandwich_norms``
       (the attention and MLP outputs are normalized again before the residual add), ``hidden_act``
-      "gelu_tanh" and ``scale_embeddings`` (embeddings times sqrt(hidden_size))."""
+      "gelu_tanh" and ``scale_embeddings`` (embeddings times sqrt(hidden_size)).
+    - Mixture of experts (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE; ``models/moe.py``): ``num_experts`` > 0
+      replaces the MLP of every layer not in ``dense_layers`` by a router over ``num_experts`` SwiGLU
+      experts of width ``moe_intermediate_size``, ``num_experts_per_tok`` of them per token, their
+      weights ``router_act``-ed and (``norm_topk_prob``) renormalized over the top k; plus, when
+      ``shared_expert_intermediate_size``, one expert every token goes through (Qwen2-MoE: scaled by a
+      sigmoid gate). Attention, and so the KV cache, is the same as a dense model's.
+      ``qk_norm_over`` "all" is OLMoE's QK-norm: over the whole q and k projections, not per head."""
 
     vocab_size: int
     hidden_size: int
@@ -88,8 +95,25 @@ class ModelConfig:
     sandwich_norms: bool = False
     hidden_act: str = "silu"  # "silu" (SwiGLU) | "gelu_tanh" (GeGLU)
     scale_embeddings: bool = False
+    qk_norm_over: str = "head"  # "head" (Qwen3, Gemma 3) | "all" (OLMoE)
+    num_experts: int = 0  # 0: a dense model
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None  # each expert's width (None: intermediate_size)
+    norm_topk_prob: bool = True
+    router_act: str = "softmax"  # "softmax" | "sigmoid" (over all experts, before the top k)
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False  # the shared expert's output times sigmoid(x . w) (Qwen2-MoE)
+    dense_layers: tuple[int, ...] = ()  # layers that keep the dense MLP in a MoE model (Qwen's mlp_only_layers)
 
     def __post_init__(self) -> None:
+        self.dense_layers = tuple(self.dense_layers)
+        if self.num_experts:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"num_experts_per_tok must be 1..num_experts ({self.num_experts}), got {self.num_experts_per_tok}")
+            if self.router_act not in ("softmax", "sigmoid"):
+                raise ValueError(f"router_act must be 'softmax' or 'sigmoid', got {self.router_act!r}")
+        if self.qk_norm_over not in ("head", "all"):
+            raise ValueError(f"qk_norm_over must be 'head' or 'all', got {self.qk_norm_over!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.layer_types is not None:
@@ -112,13 +136,26 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def num_params(self) -> int:
-        attn = (self.hidden_size + self.attention_bias) * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
-        mlp = 3 * self.hidden_size * self.intermediate_size
-        norms = (4 if self.sandwich_norms else 2) * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
-        per_layer = attn + mlp + norms
-        emb = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + emb + self.hidden_size
+    def is_moe(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
+
+    @property
+    def expert_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def num_params(self, active: bool = False) -> int:
+        """All parameters, or (``active``) those one token runs through: of each MoE layer's experts only
+        the top k (the router and the shared expert always)."""
+        H = self.hidden_size
+        attn = (H + self.attention_bias) * (self.q_size + 2 * self.kv_size) + self.q_size * H
+        qk = (self.q_size + self.kv_size) if self.qk_norm_over == "all" else 2 * self.head_dim
+        norms = (4 if self.sandwich_norms else 2) * H + (qk if self.qk_norm else 0)
+        experts = self.num_experts_per_tok if active else self.num_experts
+        moe = (experts * 3 * H * self.expert_size + self.num_experts * H
+               + 3 * H * self.shared_expert_intermediate_size + H * self.shared_expert_gate)
+        mlp = sum(moe if self.is_moe(i) else 3 * H * self.intermediate_size for i in range(self.num_layers))
+        emb = self.vocab_size * H * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (attn + norms) + mlp + emb + H
 
 
 def parse_bytes(value: str | int | float) -> int:

@@ -1,7 +1,9 @@
-"""One decoder for the Llama family and Gemma 3: RMSNorm, RoPE, GQA/MQA attention, a gated MLP, tied
-embeddings. Gemma 3 differs in a few switches of ``ModelConfig`` (QK-norm, norms after attention and
-MLP too, GeLU-tanh, scaled embeddings, sliding-window layers with their own RoPE base); the sliding
-window itself is the KV cache's and the attention backend's business (``kv.spec``, ``attn``).
+"""One decoder for the Llama family, Gemma 3 and mixture-of-experts models: RMSNorm, RoPE, GQA/MQA
+attention, a gated MLP, tied embeddings. Gemma 3 differs in a few switches of ``ModelConfig`` (QK-norm,
+norms after attention and MLP too, GeLU-tanh, scaled embeddings, sliding-window layers with their own
+RoPE base); the sliding window itself is the KV cache's and the attention backend's business
+(``kv.spec``, ``attn``). MoE models (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE) swap a layer's MLP for a
+router over experts (``moe.py``); nothing else changes.
 
 ``forward`` takes a ForwardBatch (a flat list of new tokens from any number of requests, prompt
 chunks and decodes mixed) and the attention backend, which owns the KV cache; the same code runs
@@ -19,6 +21,7 @@ from kvserve.attn import AttentionBackend, ForwardBatch
 from kvserve.config import ModelConfig
 from kvserve.models.layers import (Linear, Rotary, add_rms_norm, apply_rotary, gelu_tanh_and_mul, rms_norm,
                                    silu_and_mul)
+from kvserve.models.moe import MoE, experts_of
 
 
 @dataclass
@@ -27,8 +30,9 @@ class DecoderLayer:
     qkv_proj: Linear  # [q_size + 2 * kv_size, hidden], with the q/k/v biases when cfg.attention_bias
     o_proj: Linear
     post_attn_norm: torch.Tensor
-    gate_up_proj: Linear  # [2 * intermediate, hidden]
-    down_proj: Linear
+    gate_up_proj: Linear | None  # [2 * intermediate, hidden]; None in a MoE layer
+    down_proj: Linear | None
+    moe: MoE | None = None  # a MoE layer's MLP
     # Gemma 3: RMSNorm of each head's q and k [head_dim], and of the attention / MLP outputs [hidden]
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
@@ -67,6 +71,23 @@ class Decoder:
                     raise ValueError(f"layer {i} of the checkpoint has neither {name} nor {missing}")
                 return torch.cat([w(p) for p in parts])
 
+            mlp: dict = {}
+            if cfg.is_moe(i):
+                gate_up, down = experts_of(weights, f"layers.{i}.", cfg.num_experts)
+                shared = {}
+                if cfg.shared_expert_intermediate_size:
+                    shared = dict(shared_gate_up=lin(fused("shared_expert.gate_up_proj",
+                                                           ("shared_expert.gate_proj", "shared_expert.up_proj"))),
+                                  shared_down=lin(w("shared_expert.down_proj"), down_q),
+                                  shared_gate=dev(w("shared_expert_gate").reshape(-1)) if cfg.shared_expert_gate else None)
+                mlp["moe"] = MoE(router=dev(w("router").float()), gate_up=[lin(t) for t in gate_up],
+                                 down=[lin(t, down_q) for t in down], top_k=cfg.num_experts_per_tok,
+                                 norm_topk_prob=cfg.norm_topk_prob, router_act=cfg.router_act,
+                                 act_and_mul=silu_and_mul, **shared)
+                mlp["gate_up_proj"] = mlp["down_proj"] = None
+            else:
+                mlp["gate_up_proj"] = lin(fused("gate_up_proj", ("gate_proj", "up_proj")))
+                mlp["down_proj"] = lin(w("down_proj"), down_q)
             qkv_bias = None
             if cfg.attention_bias:  # Qwen2: q, k and v each add a bias; fused like their weights
                 qkv_bias = fused("qkv_proj.bias", ("q_proj.bias", "k_proj.bias", "v_proj.bias"))
@@ -76,8 +97,7 @@ class Decoder:
                     qkv_proj=lin(fused("qkv_proj", ("q_proj", "k_proj", "v_proj")), bias=qkv_bias),
                     o_proj=lin(w("o_proj"), bias=weights.get(f"layers.{i}.o_proj.bias")),  # Llama attention_bias
                     post_attn_norm=dev(w("post_attn_norm")),
-                    gate_up_proj=lin(fused("gate_up_proj", ("gate_proj", "up_proj"))),
-                    down_proj=lin(w("down_proj"), down_q),
+                    **mlp,
                     **{n: dev(w(n)) for n in ("q_norm", "k_norm") if cfg.qk_norm},
                     **{n: dev(w(n)) for n in ("attn_out_norm", "mlp_out_norm") if cfg.sandwich_norms},
                 )
@@ -115,7 +135,10 @@ class Decoder:
             qkv = layer.qkv_proj(x)
             # q and k sit side by side in qkv: rotate them as one [T, Hq + Hkv, D] tensor (half the ops)
             qk = qkv[:, :qk_size].view(T, -1, cfg.head_dim)
-            if layer.q_norm is not None:  # QK-norm: each head's q and k normalized before RoPE
+            if layer.q_norm is not None and cfg.qk_norm_over == "all":  # OLMoE: the whole q and k rows
+                qk = torch.cat((rms_norm(qkv[:, : cfg.q_size], layer.q_norm, eps),
+                                rms_norm(qkv[:, cfg.q_size : qk_size], layer.k_norm, eps)), dim=1).view(T, -1, cfg.head_dim)
+            elif layer.q_norm is not None:  # QK-norm: each head's q and k normalized before RoPE
                 D, H = cfg.head_dim, cfg.num_heads
                 qk = torch.cat((rms_norm(qk[:, :H].reshape(-1, D), layer.q_norm, eps).view(T, H, D),
                                 rms_norm(qk[:, H:].reshape(-1, D), layer.k_norm, eps).view(T, -1, D)), dim=1)
@@ -127,7 +150,10 @@ class Decoder:
             if layer.attn_out_norm is not None:
                 attn_out = rms_norm(attn_out, layer.attn_out_norm, eps)
             x = add_rms_norm(h, attn_out, layer.post_attn_norm, eps)
-            mlp_out = layer.down_proj(self.act_and_mul(layer.gate_up_proj(x)))
+            if layer.moe is not None:
+                mlp_out = layer.moe(x)
+            else:
+                mlp_out = layer.down_proj(self.act_and_mul(layer.gate_up_proj(x)))
             if layer.mlp_out_norm is not None:
                 mlp_out = rms_norm(mlp_out, layer.mlp_out_norm, eps)
         h = h + mlp_out

@@ -119,10 +119,17 @@ GEMMA3_FULL_EVERY = 6
 GEMMA3_ROPE_LOCAL_THETA = 10000.0
 
 
+# GGUF architectures with experts -> whether the top-k weights are renormalized when the file does not
+# say (``{arch}.expert_weights_norm``): llama.cpp's own choice per architecture. A "llama" file with
+# ``llama.expert_count`` is Mixtral.
+_GGUF_MOE_NORM = {"llama": True, "qwen3moe": True, "qwen2moe": False, "olmoe": False}
+_GGUF_ARCHS = ("llama", "gemma3", "qwen3moe", "qwen2moe", "olmoe")
+
+
 def _gguf_config(reader, name: str) -> ModelConfig:
     arch = _gguf_field(reader, "general.architecture")
-    if arch not in ("llama", "gemma3"):
-        raise ValueError(f"unsupported architecture {arch!r} (kvserve runs Llama-family and Gemma 3 models)")
+    if arch not in _GGUF_ARCHS:
+        raise ValueError(f"unsupported architecture {arch!r} (kvserve runs GGUF files of {', '.join(_GGUF_ARCHS)})")
     g = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)  # noqa: E731
     hidden, n_heads = int(g("embedding_length")), int(g("attention.head_count"))
     n_kv = int(g("attention.head_count_kv", n_heads))
@@ -136,6 +143,19 @@ def _gguf_config(reader, name: str) -> ModelConfig:
             layer_types=tuple("full" if (i + 1) % GEMMA3_FULL_EVERY == 0 else "sliding" for i in range(n_layers)),
             sliding_window=int(g("attention.sliding_window")), rope_local_theta=GEMMA3_ROPE_LOCAL_THETA,
             qk_norm=True, sandwich_norms=True, hidden_act="gelu_tanh", scale_embeddings=True)
+    if arch in ("qwen3moe", "olmoe"):
+        family = dict(qk_norm=True, qk_norm_over="all" if arch == "olmoe" else "head")
+    if arch == "qwen2moe":
+        family = dict(attention_bias=True)
+    if g("expert_count"):
+        shared = int(g("expert_shared_feed_forward_length", 0) or 0)
+        routed = {t.name.split(".")[1] for t in reader.tensors if t.name.endswith("ffn_gate_inp.weight")}
+        family |= dict(dense_layers=tuple(i for i in range(n_layers) if str(i) not in routed),
+                       num_experts=int(g("expert_count")), num_experts_per_tok=int(g("expert_used_count")),
+                       moe_intermediate_size=int(g("expert_feed_forward_length", 0) or g("feed_forward_length")),
+                       norm_topk_prob=bool(g("expert_weights_norm", _GGUF_MOE_NORM[arch])),
+                       shared_expert_intermediate_size=shared,
+                       shared_expert_gate=any(t.name.endswith("ffn_gate_inp_shexp.weight") for t in reader.tensors))
     return ModelConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
@@ -164,6 +184,12 @@ _GGUF_NAMES = {
     # so they multiply as plain RMSNorm weights do.
     "attn_q_norm": "q_norm", "attn_k_norm": "k_norm",
     "post_attention_norm": "attn_out_norm", "post_ffw_norm": "mlp_out_norm",
+    # mixture of experts: the router, the experts stacked [E, width, hidden] (down [E, hidden, width]),
+    # and the shared expert with its gate
+    "ffn_gate_inp": "router", "ffn_gate_exps": "experts.gate_proj", "ffn_up_exps": "experts.up_proj",
+    "ffn_down_exps": "experts.down_proj", "ffn_gate_shexp": "shared_expert.gate_proj",
+    "ffn_up_shexp": "shared_expert.up_proj", "ffn_down_shexp": "shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "shared_expert_gate",
 }
 
 
@@ -183,7 +209,7 @@ def _load_gguf(path: Path, name: str, dtype: torch.dtype) -> tuple[ModelConfig, 
         w = torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable copy
         parts = t.name.split(".")
         if parts[0] == "blk":
-            key = f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}"
+            key = f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}" + (".bias" if parts[-1] == "bias" else "")
             if not permuted:
                 pass
             elif parts[2] == "attn_q":
@@ -198,7 +224,11 @@ def _load_gguf(path: Path, name: str, dtype: torch.dtype) -> tuple[ModelConfig, 
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         weights[p + "qkv_proj"] = torch.cat([weights.pop(p + n) for n in ("q_proj", "k_proj", "v_proj")])
-        weights[p + "gate_up_proj"] = torch.cat([weights.pop(p + n) for n in ("gate_proj", "up_proj")])
+        if cfg.attention_bias:
+            weights[p + "qkv_proj.bias"] = torch.cat([weights.pop(p + n + ".bias") for n in ("q_proj", "k_proj", "v_proj")])
+        for q in ("", "experts.", "shared_expert."):  # dense MLP, stacked experts [E, 2 * width, hidden], shared
+            if p + q + "gate_proj" in weights:
+                weights[p + q + "gate_up_proj"] = torch.cat([weights.pop(p + q + n) for n in ("gate_proj", "up_proj")], dim=-2)
     return cfg, weights
 
 
@@ -212,12 +242,22 @@ _HF_NAMES = {
 }
 
 
+# model_type -> its MoE switches, read from config.json (None: a dense family)
+_HF_MOE = {
+    "mixtral": dict(width="intermediate_size", norm_topk=True),
+    "qwen3_moe": dict(width="moe_intermediate_size", norm_topk=None),
+    "qwen2_moe": dict(width="moe_intermediate_size", norm_topk=None),
+    "olmoe": dict(width="intermediate_size", norm_topk=None),
+}
+_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", None, *_HF_MOE)
+
+
 def _hf_config(path: Path) -> ModelConfig:
     """The ModelConfig of a HF folder, from its config.json."""
     hc = json.loads((path / "config.json").read_text())
     model_type = hc.get("model_type")
-    if model_type not in ("llama", "mistral", "qwen2", None):
-        raise ValueError(f"unsupported model_type {model_type!r} (kvserve runs the Llama family)")
+    if model_type not in _HF_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r} (kvserve runs {', '.join(t for t in _HF_TYPES if t)})")
     # What the decoder does not implement is refused rather than run wrong.
     if hc.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path.name}: hidden_act {hc['hidden_act']!r} is not supported (SwiGLU with silu only)")
@@ -227,13 +267,28 @@ def _hf_config(path: Path) -> ModelConfig:
         raise ValueError(f"{path.name}: RoPE scaling {rope!r} is not supported (plain RoPE only)")
     if hc.get("use_sliding_window") or "sliding_attention" in (hc.get("layer_types") or ()):
         raise ValueError(f"{path.name}: sliding-window attention is not supported")
+    if hc.get("clip_qkv"):
+        raise ValueError(f"{path.name}: clip_qkv is not supported")
     n_heads = hc["num_attention_heads"]
+    n_layers = hc["num_hidden_layers"]
     eos = hc.get("eos_token_id")
+    moe = {}
+    if model_type in _HF_MOE:
+        m = _HF_MOE[model_type]
+        # Qwen's MoE layers: every decoder_sparse_step-th, minus mlp_only_layers; the rest are dense
+        step, only = hc.get("decoder_sparse_step", 1), set(hc.get("mlp_only_layers") or ())
+        dense = tuple(i for i in range(n_layers) if i in only or (i + 1) % step)
+        # "num_experts" (Qwen, OLMoE) or "num_local_experts" (Mixtral; transformers 5 writes it for Qwen3 too)
+        moe = dict(num_experts=hc.get("num_experts") or hc["num_local_experts"], num_experts_per_tok=hc["num_experts_per_tok"],
+                   moe_intermediate_size=hc[m["width"]], dense_layers=dense,
+                   norm_topk_prob=m["norm_topk"] if m["norm_topk"] is not None else bool(hc.get("norm_topk_prob", False)),
+                   shared_expert_intermediate_size=hc.get("shared_expert_intermediate_size", 0),
+                   shared_expert_gate=bool(hc.get("shared_expert_intermediate_size")))
     return ModelConfig(
         vocab_size=hc["vocab_size"],
         hidden_size=hc["hidden_size"],
         intermediate_size=hc["intermediate_size"],
-        num_layers=hc["num_hidden_layers"],
+        num_layers=n_layers,
         num_heads=n_heads,
         num_kv_heads=hc.get("num_key_value_heads", n_heads),
         head_dim=hc.get("head_dim") or hc["hidden_size"] // n_heads,
@@ -244,9 +299,29 @@ def _hf_config(path: Path) -> ModelConfig:
         bos_token_id=hc.get("bos_token_id"),
         eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
         name=path.name,
-        # Qwen2 always has q/k/v biases (its config has no flag); Llama's attention_bias adds o_proj's too
-        attention_bias=bool(hc.get("attention_bias", model_type == "qwen2")),
+        # Qwen2 (and Qwen2-MoE) always have q/k/v biases (no flag, or "qkv_bias"); Llama's
+        # attention_bias adds o_proj's too
+        attention_bias=bool(hc.get("attention_bias", hc.get("qkv_bias", model_type in ("qwen2", "qwen2_moe")))),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "olmoe"),
+        qk_norm_over="all" if model_type == "olmoe" else "head",
+        **moe,
     )
+
+
+def _hf_name(rest: str) -> str:
+    """A layer's tensor name in a HF checkpoint (after "layers.{i}.", without ".weight") -> ours."""
+    if rest.startswith("block_sparse_moe."):  # Mixtral: w1 gate, w3 up, w2 down
+        rest = "mlp." + rest.removeprefix("block_sparse_moe.")
+        head, _, tail = rest.rpartition(".")
+        rest = f"{head}.{ {'w1': 'gate_proj', 'w3': 'up_proj', 'w2': 'down_proj'}.get(tail, tail)}"
+    if rest == "mlp.gate":
+        return "router"
+    for part in ("mlp.experts.", "mlp.shared_expert.", "mlp.shared_expert_gate"):
+        if rest.startswith(part):
+            return rest.removeprefix("mlp.")
+    if rest in ("self_attn.q_norm", "self_attn.k_norm"):
+        return rest.removeprefix("self_attn.")
+    return _HF_NAMES.get(rest, rest)
 
 
 def _load_hf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -263,7 +338,7 @@ def _load_hf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, tor
                 if kind == "bias":  # q/k/v (and o) biases: "layers.{i}.q_proj.bias"
                     k = f"layers.{i}.{_HF_NAMES.get(base, base)}.bias"
                 else:
-                    k = f"layers.{i}.{_HF_NAMES.get(rest.removesuffix('.weight'), rest)}"
+                    k = f"layers.{i}.{_hf_name(rest.removesuffix('.weight'))}"
             else:
                 k = {"embed_tokens.weight": "embed", "norm.weight": "norm", "lm_head.weight": "lm_head"}.get(k, k)
             weights[k] = w.to(dtype)
