@@ -45,6 +45,13 @@ class MoE:
         """x [T, hidden] -> [T, hidden]."""
         T, k = x.shape[0], self.top_k
         experts, weights = self.route(x)
+        if T == 1:  # a lone decode step: its k experts one after another, nothing to sort or scatter
+            w = weights[0].to(x.dtype)
+            out = None
+            for j, e in enumerate(experts[0].tolist()):
+                y = self.down[e](self.act_and_mul(self.gate_up[e](x))).mul_(w[j])
+                out = y if out is None else out.add_(y)
+            return self._add_shared(x, out)
         flat = experts.flatten()  # pair p = token p // k's (p % k)-th choice
         order = flat.argsort(stable=True)  # the pairs, grouped by expert
         token = order // k
@@ -58,7 +65,9 @@ class MoE:
                 ys[rows] = self.down[e](self.act_and_mul(self.gate_up[e](xs[rows])))
                 start += n
         ys *= weights.flatten()[order].to(ys.dtype)[:, None]
-        out = torch.zeros_like(x).index_add_(0, token, ys)
+        return self._add_shared(x, torch.zeros_like(x).index_add_(0, token, ys))
+
+    def _add_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.shared_gate_up is not None:
             shared = self.shared_down(self.act_and_mul(self.shared_gate_up(x)))
             if self.shared_gate is not None:

@@ -145,6 +145,7 @@ def test_experts_without_tokens_and_the_grouped_compute_equal_a_loop_over_tokens
             gate, up = (x[t] @ gu[e].T).chunk(2)
             ref[t] += w * ((torch.nn.functional.silu(gate) * up) @ dn[e].T)
     assert torch.allclose(moe(x), ref, atol=1e-5)
+    assert torch.allclose(moe(x[5:6]), ref[5:6], atol=1e-5)  # a lone decode step takes its own path
     # sigmoid routing without renormalization (DeepSeek-style scores), and a gated shared expert
     sgu, sdn, sg = torch.randn(2 * W, H, generator=g) * 0.2, torch.randn(H, W, generator=g) * 0.2, torch.randn(H, generator=g)
     moe2 = dataclasses.replace(moe, router_act="sigmoid", norm_topk_prob=False, shared_gate_up=Linear(sgu),
@@ -159,6 +160,7 @@ def test_experts_without_tokens_and_the_grouped_compute_equal_a_loop_over_tokens
         gate, up = (x[t] @ sgu.T).chunk(2)
         ref2[t] += torch.sigmoid(x[t] @ sg) * ((torch.nn.functional.silu(gate) * up) @ sdn.T)
     assert torch.allclose(moe2(x), ref2, atol=1e-5)
+    assert torch.allclose(moe2(x[5:6]), ref2[5:6], atol=1e-5)
 
 
 def test_batch_preemption_and_quantized_kv_just_work(moe_dirs):
@@ -283,3 +285,28 @@ def test_gguf_moe_file_loads_the_same_weights(moe_dirs, tmp_path):
             assert torch.equal(wg[f"layers.{i}.router"], wh[f"layers.{i}.router"])
     q, k, v = (wh[f"layers.0.{n}_proj"] for n in "qkv")
     assert torch.equal(wg["layers.0.qkv_proj"], torch.cat([q, k, v]))
+
+
+def test_dense_qwen3_matches_hf(tmp_path, tokenizer):
+    """Dense Qwen3 (per-head QK-norm, explicit head_dim) comes with Qwen3-MoE's attention: same tokens
+    and logprobs as HF."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    hf = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), intermediate_size=96, head_dim=24,
+                                      **{k: v for k, v in COMMON.items() if k != "num_experts_per_tok"})).float().eval()
+    with torch.no_grad():
+        for layer in hf.model.layers:  # QK-norm weights are ones at init: make them matter
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", max_model_len=128, num_kv_blocks=32)
+    assert llm.engine.model_config.qk_norm and llm.engine.model_config.num_experts == 0
+    params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True, logprobs=TOP)
+    out = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0]
+    ids = llm.get_tokenizer()(PROMPTS[0]).input_ids
+    full, ref = _hf_reference(hf, ids)
+    assert list(out.outputs[0].token_ids) == full[len(ids):]
+    for step, lp in enumerate(out.outputs[0].logprobs):
+        assert max(abs(v - ref[len(ids) - 1 + step][t].item()) for t, v in lp.items()) < 1e-4
