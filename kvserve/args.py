@@ -45,6 +45,7 @@ class EngineArgs:
     kv_offload_memory: str | int | None = None  # tier 2: a host pool for blocks the prefix tree evicts ("8GiB")
     kv_cache_dir: str | None = None  # tier 3: a directory of blocks (written through; survives restarts)
     kv_cache_dir_size: str | int = "20GiB"
+    kv_compression: str | dict | None = None  # default per request: "snapkv:0.5" (kv.compress)
     max_model_len: int | None = None  # None: the model's context length
     max_num_seqs: int = 16  # sequences running at once
     max_num_batched_tokens: int = 512  # tokens in one forward
@@ -64,7 +65,7 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching, preemption_mode=self.preemption_mode,
             swap_space=self.swap_space, kv_cache_policy=self.kv_cache_policy, num_sink_tokens=self.num_sink_tokens,
             sink_window=self.sink_window, kv_offload_memory=self.kv_offload_memory, kv_cache_dir=self.kv_cache_dir,
-            kv_cache_dir_size=self.kv_cache_dir_size)
+            kv_cache_dir_size=self.kv_cache_dir_size, kv_compression=self.kv_compression)
         # max_model_len None: the engine fills in the model's context length once it has read the model
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                                 max_model_len=self.max_model_len or 1,
@@ -122,6 +123,8 @@ class EngineArgs:
         add("kv_cache_dir", help="KV tier 3: a directory of blocks, written through as computed, so cached prefixes "
                                  "survive a restart")
         add("kv_cache_dir_size", help="most bytes --kv-cache-dir may hold (default: %(default)s)")
+        add("kv_compression", help="compress each request's KV cache after its prefill, METHOD:RATIO with METHOD one "
+                                   "of snapkv, streaming_llm, knorm, tova and RATIO the fraction removed (e.g. snapkv:0.5)")
         add("max_model_len", type=int, help="default: the model's context length")
         add("max_num_seqs", type=int, help="sequences running at once (default: %(default)s)")
         add("max_num_batched_tokens", type=int, help="tokens in one forward (default: %(default)s)")

@@ -200,6 +200,9 @@ class CacheConfig:
     kv_offload_memory: int | str | None = None
     kv_cache_dir: str | None = None
     kv_cache_dir_size: int | str = "20GiB"
+    # importance-based KV compression (kv.compress) for every request that does not ask otherwise:
+    # "snapkv:0.5", {"method": ..., "ratio": ...} or a KVCompression
+    kv_compression: object = None
 
     def key_moves_refused(self) -> str | None:
         """Why cached keys cannot move to new positions here (the sink_window policy, a request's
@@ -246,6 +249,9 @@ class CacheConfig:
             self.enable_prefix_caching = self.kv_cache == KVCacheMode.PAGED
         if self.enable_prefix_caching and self.kv_cache != KVCacheMode.PAGED:
             raise ValueError("enable_prefix_caching needs kv_cache='paged'")
+        from kvserve.kv.compress import KVCompression
+
+        self.kv_compression = KVCompression.parse(self.kv_compression)
         if self.kv_offload_memory is not None:
             self.kv_offload_memory = parse_bytes(self.kv_offload_memory)
         self.kv_cache_dir_size = parse_bytes(self.kv_cache_dir_size)

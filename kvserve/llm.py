@@ -44,6 +44,7 @@ class LLM:
         kv_offload_memory: str | int | None = None,
         kv_cache_dir: str | None = None,
         kv_cache_dir_size: str | int = "20GiB",
+        kv_compression: str | dict | None = None,
         max_model_len: int | None = None,
         max_num_seqs: int = 16,
         max_num_batched_tokens: int = 512,
@@ -56,7 +57,8 @@ class LLM:
             kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching,
             preemption_mode=preemption_mode, swap_space=swap_space, kv_cache_policy=kv_cache_policy,
             num_sink_tokens=num_sink_tokens, sink_window=sink_window, kv_offload_memory=kv_offload_memory,
-            kv_cache_dir=kv_cache_dir, kv_cache_dir_size=kv_cache_dir_size, max_model_len=max_model_len,
+            kv_cache_dir=kv_cache_dir, kv_cache_dir_size=kv_cache_dir_size, kv_compression=kv_compression,
+            max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=enable_chunked_prefill, seed=seed)
         self.engine = LLMEngine(self.engine_args.create_engine_config())

@@ -49,6 +49,9 @@ class Request:
     first_token_time: float | None = None
     parent_id: str | None = None  # set for the children of an n > 1 request
     index: int = 0  # which of the parent's n samples this is
+    compression: object | None = None  # kv.compress.KVCompression: squeeze the KV cache after the prefill
+    # after it: (tokens before, tokens kept, blocks returned) of the last compression
+    kv_compression_stats: tuple[int, int, int] | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvserve.kv.compress import KVCompression
+
 
 @dataclass
 class SamplingParams:
@@ -38,6 +40,9 @@ class SamplingParams:
     # (leaving room for max_tokens, at most half the context); "shift" is llama.cpp's context shift:
     # keep the first num_sink_tokens, drop the older half of the rest, re-rotate, continue
     context_overflow: str = "error"
+    # compress this request's KV cache once its prompt is prefilled (kv.compress): {"method": "snapkv",
+    # "ratio": 0.5}, "snapkv:0.5", or a KVCompression; None: the engine's default (LLM(kv_compression=...))
+    kv_compression: KVCompression | dict | str | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -71,6 +76,7 @@ class SamplingParams:
             raise bad("prompt_logprobs", "must be non-negative")
         if self.context_overflow not in ("error", "truncate", "shift"):
             raise bad("context_overflow", "must be 'error', 'truncate' or 'shift'")
+        self.kv_compression = KVCompression.parse(self.kv_compression)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]

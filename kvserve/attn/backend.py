@@ -27,6 +27,13 @@ class AttentionBackend:
     def __init__(self, kv: KVCache):
         self.kv = kv
         self.group_of = [g for g, _ in kv.spec.group_of()]  # layer -> its KV cache group
+        # set by the model runner for one step: (rows of the batch, buffer [layers, W, Hq, D], offset):
+        # the queries KV compression scores with (kv.compress), kept as every layer computes them
+        self.capture: list[tuple[slice, torch.Tensor, int]] = []
+
+    def keep_queries(self, q: torch.Tensor, layer: int) -> None:
+        for rows, buf, at in self.capture:
+            buf[layer, at : at + rows.stop - rows.start] = q[rows]
 
     def prepare(self, seqs: list[SeqSpan]) -> list[AttnMetadata]:
         raise NotImplementedError
@@ -168,6 +175,8 @@ class SDPABackend(AttentionBackend):
                 meta: list[AttnMetadata]) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
         m = meta[self.group_of[layer]]
+        if self.capture:
+            self.keep_queries(q, layer)
         self.kv.write(layer, k, v, m.slot_mapping)
         out = None if len(m.groups) == 1 else torch.empty_like(q)
         for g in m.groups:

@@ -19,6 +19,10 @@ class ScheduledSeq:
     sample: bool  # the step reaches the end of the known tokens, so a token is sampled
     all_logits: bool = False  # every row gives logits, not only a sampling last one (prompt_logprobs)
     position_offset: int = 0  # sink_window: text position - cache position (tokens dropped from the middle)
+    rope_at_text: bool = False  # KV compression: new tokens rotate at their text positions, not cache ones
+    # KV compression: keep the queries of the prompt's last window (first text position, size) for scoring
+    capture: tuple[int, int] | None = None
+    compress: object | None = None  # KV compression (kv.compress.KVCompression) to run after this step
 
     @property
     def num_new_tokens(self) -> int:

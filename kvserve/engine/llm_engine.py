@@ -172,7 +172,10 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}  # live requests (children for n > 1)
         self.parents: dict[str, list[Request]] = {}  # user-facing request id -> its n samples
         self._ids = itertools.count()
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
+                      # KV compression (kv.compress): tokens before and after, blocks given back, requests
+                      "kv_compression_tokens_before": 0, "kv_compression_tokens_after": 0,
+                      "kv_compression_blocks_returned": 0, "kv_compressions": 0}
         # called with a trace.StepRecord after each step (kvserve --explain / --trace; see engine.trace)
         self.observers: list[Callable[[StepRecord], None]] = []
         self._last_counters, self._known = KVCounters.read(self), set()
@@ -250,12 +253,14 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already running")
+        compression = self._compression(params)
         children = []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             gen = torch.Generator().manual_seed(seed) if seed is not None else None
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(rid, ids, params, prompt=prompt, generator=gen, parent_id=request_id, index=i)
+            req = Request(rid, ids, params, prompt=prompt, generator=gen, parent_id=request_id, index=i,
+                          compression=compression)
             children.append(req)
             self.requests[rid] = req
             self.scheduler.add_request(req)
@@ -263,9 +268,27 @@ class LLMEngine:
         self.stats["prompt_tokens"] += len(ids)
         return request_id
 
+    def _compression(self, params: SamplingParams):
+        """The request's KV compression: its own, else the engine's default; None for ratio 0 (the
+        uncompressed path, bit for bit). Refused where packing cannot work."""
+        c = params.kv_compression if params.kv_compression is not None else self.config.cache.kv_compression
+        if c is None or c.ratio == 0:
+            return None
+        why = None
+        if self.config.cache.kv_cache == KVCacheMode.OFF:
+            why = "there is no KV cache (kv_cache='off')"
+        elif self.model_config.layer_types and "sliding" in self.model_config.layer_types:
+            why = "this model has sliding-window layers (not supported yet)"
+        elif self.sink_policy or params.context_overflow == "shift":
+            why = "the sink_window policy and context_overflow='shift' already move this request's keys"
+        if why:
+            raise ValueError(f"kv_compression {c.method}:{c.ratio} cannot run: {why}")
+        return c
+
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks. Unknown or finished ids are ignored."""
         for req in self.parents.get(request_id, []):
+            self.runner.drop_queries(req.request_id)
             if not req.is_finished:
                 self.scheduler.finish(req, "abort")
             self.requests.pop(req.request_id, None)
@@ -287,6 +310,9 @@ class LLMEngine:
             kinds = [self._kind(s) for s in out.seqs]
             arrivals = {rid: r.arrival_time for rid, r in self.scheduler.requests.items() if rid not in self._known}
         logits = self.runner.execute(out)
+        for s in out.seqs:
+            if s.compress is not None:  # the prompt is in the cache: squeeze it (kv.compress)
+                self._compress(self.scheduler.requests[s.request_id], s)
         sampling, rows, r = [], [], 0  # the requests that sample, and their logits rows
         for s in out.seqs:
             req = self.scheduler.requests[s.request_id]
@@ -317,6 +343,17 @@ class LLMEngine:
         if self.observers:
             self._observe(out, kinds, arrivals, start)
         return [self._output(pid) for pid in touched]
+
+    def _compress(self, req: Request, s) -> None:
+        length = s.start + s.num_new_tokens
+        kept = self.runner.compress(s)
+        returned = self.kv_manager.compressed(req, length, kept)
+        req.kv_compression_stats = (length, kept, returned)
+        st = self.stats
+        st["kv_compressions"] += 1
+        st["kv_compression_tokens_before"] += length
+        st["kv_compression_tokens_after"] += kept
+        st["kv_compression_blocks_returned"] += returned
 
     # ------------------------------------------------------------------ step records (--explain, --trace)
     def _kind(self, s) -> str:
@@ -407,6 +444,9 @@ class LLMEngine:
             for c in children:
                 self.requests.pop(c.request_id, None)
             self.parents.pop(parent_id, None)
+        if first.kv_compression_stats is not None:
+            metrics["kv_compression_tokens_before"], metrics["kv_compression_tokens_after"], \
+                metrics["kv_compression_blocks_returned"] = first.kv_compression_stats
         return RequestOutput(parent_id, first.prompt, first.prompt_token_ids, outs, finished,
                              max(first.num_cached_tokens, 0), metrics,
                              list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None)
@@ -447,4 +487,5 @@ class LLMEngine:
             "requests_waiting": len(s.waiting),
             **(self.kv_manager.tiers.stats() if self.kv_manager.tiers is not None else {}),
             "requests_swapped": len(s.swapped),
+            **{k: v for k, v in self.stats.items() if k.startswith("kv_compression")},
         }

@@ -11,13 +11,16 @@ import numpy as np
 import torch
 
 from kvserve.attn import AttentionBackend, ForwardBatch, SeqSpan
-from kvserve.engine.batch import SchedulerOutput
+from kvserve.engine.batch import ScheduledSeq, SchedulerOutput
+from kvserve.kv import compress as kvc
 from kvserve.models.decoder import Decoder
 
 
 class ModelRunner:
     def __init__(self, model: Decoder, attn: AttentionBackend):
         self.model, self.attn = model, attn
+        # KV compression: request -> the queries of its prompt's last window, [layers, W, Hq, D]
+        self.window_queries: dict[str, torch.Tensor] = {}
 
     def prepare(self, out: SchedulerOutput) -> ForwardBatch:
         """Flatten the scheduled requests into one batch."""
@@ -26,9 +29,10 @@ class ModelRunner:
         t = 0
         for s in out.seqs:
             n = s.num_new_tokens
-            start = s.start - s.position_offset  # in the cache (sink_window drops tokens from the middle)
+            start = s.start - s.position_offset  # in the cache (sink_window, compression: tokens dropped)
             ids.append(np.asarray(s.token_ids, dtype=np.int64))
-            pos.append(np.arange(start, start + n))
+            rope = s.start if s.rope_at_text else start  # compressed keys keep their text positions' RoPE
+            pos.append(np.arange(rope, rope + n))
             spans.append(SeqSpan(start, n, [np.asarray(b, dtype=np.int64) for b in s.block_tables]))
             if s.all_logits:
                 logits_idx.extend(range(t, t + n))
@@ -50,7 +54,50 @@ class ModelRunner:
         for group, block_ids, delta in out.position_shifts:  # sink_window / context shift: kept keys move down
             self.model.shift_keys(self.attn.kv, block_ids, delta, self.attn.kv.spec.groups[group].layers)
         batch = self.prepare(out)
-        hidden = self.model.forward(batch, self.attn)
+        self.attn.capture = self._captures(out)
+        try:
+            hidden = self.model.forward(batch, self.attn)
+        finally:
+            self.attn.capture = []
         if not any(s.sample or s.all_logits for s in out.seqs):
             return None
         return self.model.compute_logits(hidden)
+
+    # ------------------------------------------------------------------ KV compression (kv.compress)
+    def _captures(self, out: SchedulerOutput) -> list[tuple[slice, torch.Tensor, int]]:
+        """Where this step's rows inside a compressing request's query window go (see ``attn.capture``)."""
+        caps, t = [], 0
+        cfg = self.model.cfg
+        for s in out.seqs:
+            if s.capture is not None:
+                first, size = s.capture
+                buf = self.window_queries.get(s.request_id)
+                if buf is None or buf.shape[1] != size:
+                    buf = self.window_queries[s.request_id] = torch.empty(
+                        cfg.num_layers, size, cfg.num_heads, cfg.head_dim, dtype=self.model.dtype, device=self.attn.kv.device)
+                lo = max(s.start, first)
+                caps.append((slice(t + lo - s.start, t + s.num_new_tokens), buf, lo - first))
+            t += s.num_new_tokens
+        return caps
+
+    def drop_queries(self, request_id: str) -> None:
+        """A request left before its compression ran (aborted, preempted): forget its queries."""
+        self.window_queries.pop(request_id, None)
+
+    @torch.inference_mode()
+    def compress(self, s: ScheduledSeq) -> int:
+        """Score the request's ``length`` cached tokens in every layer and pack each (layer, KV head)'s
+        best ``n_kept`` into its first cache positions; returns how many it kept."""
+        c, kv = s.compress, self.attn.kv
+        length = s.start + s.num_new_tokens
+        queries = self.window_queries.pop(s.request_id, None)
+        n = kvc.n_kept(length, c.ratio)
+        table = s.block_tables[0]
+        read = (torch.as_tensor([table], dtype=torch.long, device=kv.device), length)
+        keep = []
+        for layer in range(self.model.cfg.num_layers):
+            keys = kv.read(layer, read)[0][0].transpose(0, 1)  # [Hkv, L, D]
+            q = None if queries is None else queries[layer].transpose(0, 1)  # [Hq, W, D]
+            keep.append(kvc.select(kvc.scores(c, keys, q), n))
+        kvc.pack(kv, list(range(self.model.cfg.num_layers)), table, torch.stack(keep))
+        return n

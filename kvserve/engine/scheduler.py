@@ -125,8 +125,18 @@ class Scheduler:
         tables = [list(t) for t in self.kv.block_tables(req.request_id)]
         # prompt_logprobs: the logits of prompt positions not yet scored (a recomputed request skips them)
         all_logits = req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < req.num_prompt_tokens
-        return ScheduledSeq(req.request_id, req.all_token_ids[c : c + n], c, tables, c + n == req.num_tokens,
-                            all_logits, self.kv.position_shift(req.request_id))
+        rid = req.request_id
+        seq = ScheduledSeq(rid, req.all_token_ids[c : c + n], c, tables, c + n == req.num_tokens,
+                           all_logits, self.kv.position_shift(rid), self.kv.rope_at_text(rid))
+        # KV compression: once per prefill (a recomputed request compresses again), at its last chunk;
+        # the attention methods keep the queries of the prompt's last window as its chunks run
+        comp, length = req.compression, req.num_tokens
+        if comp is not None and not seq.rope_at_text and comp.applies_to(length):
+            if comp.query_window and c + n > length - comp.query_window:
+                seq.capture = (length - comp.query_window, comp.query_window)
+            if c + n == length:
+                seq.compress = comp
+        return seq
 
     def after_step(self, out: SchedulerOutput) -> None:
         """Advance each scheduled request past the tokens it just computed."""

@@ -90,6 +90,7 @@ class RequestKV:
     num_dropped: list[int] = field(default_factory=list)  # per group: leading entries given back (now null)
     position_shift: int = 0  # sink_window: tokens removed from the middle (cache position = text position - this)
     keys: list[str] = field(default_factory=list)  # KV tiers: chained keys of its whole blocks so far
+    rope_at_text: bool = False  # compressed (kv.compress): kept keys carry their text positions' RoPE
 
 
 class KVCacheManager:
@@ -131,8 +132,8 @@ class KVCacheManager:
         self.prefix_hits = 0  # of those, tokens found
         # swap preemption: request id -> (CPU copies of K, V, blocks per group)
         self.swap_space = swap_space
-        # id -> (CPU copies, per group (leading null entries, live blocks), position shift)
-        self._swapped: dict[str, tuple[list[torch.Tensor], list[tuple[int, int]], int]] = {}
+        # id -> (CPU copies, per group (leading null entries, live blocks), position shift, rope_at_text)
+        self._swapped: dict[str, tuple[list[torch.Tensor], list[tuple[int, int]], int, bool]] = {}
         self.swap_bytes_used = 0
         self.num_swapped_blocks = 0  # blocks currently held in the CPU pool
         # since the start, for traces (--explain): blocks copied on write, swapped out, swapped in
@@ -157,6 +158,26 @@ class KVCacheManager:
     def position_shift(self, request_id: str) -> int:
         kv = self.requests.get(request_id)
         return kv.position_shift if kv is not None else 0
+
+    def rope_at_text(self, request_id: str) -> bool:
+        kv = self.requests.get(request_id)
+        return kv is not None and kv.rope_at_text
+
+    def compressed(self, request: Request, length: int, kept: int) -> int:
+        """The request's first ``length`` tokens were packed into its first ``kept`` cache positions
+        (``kv.compress.pack``): the blocks past them go back to the pool at once, and its later tokens
+        are written after the kept ones while keeping their text positions. Returns the blocks given
+        back (all groups)."""
+        kv = self.requests[request.request_id]
+        keep = cdiv(kept, self.block_size)
+        returned = 0
+        for table in kv.tables:
+            freed = table[keep:]
+            del table[keep:]
+            self.pool.decref(list(reversed(freed)))  # the tail first, as ``free`` does
+            returned += len(freed)
+        kv.position_shift, kv.rope_at_text = length - kept, True
+        return returned
 
     def take_position_shifts(self) -> list[tuple[int, list[int], int]]:
         """The re-rotations owed since the last call (sink_window, context shift): (group, block ids,
@@ -387,8 +408,11 @@ class KVCacheManager:
         """Requests that neither look up nor feed the prefix tree. prompt_logprobs scores every
         position, so it computes the prompt whole; fed back, its copy of a cached prefix would branch
         off the tree's own blocks and pin them (a node with a child held by a running request is not
-        a leaf, so never evicted). A shifting request re-rotates its blocks in place: none may be shared."""
-        return request.params.prompt_logprobs is not None or request.params.context_overflow == "shift"
+        a leaf, so never evicted). A shifting request re-rotates its blocks in place, and a compressed one
+        packs its kept tokens over its blocks (and what it keeps depends on its whole prompt, the
+        question included): none of their blocks may be shared."""
+        return (request.params.prompt_logprobs is not None or request.params.context_overflow == "shift"
+                or request.compression is not None)
 
     def cache_blocks(self, request: Request) -> None:
         """Put the request's whole computed blocks (prompt and generated tokens alike) into the prefix
@@ -444,7 +468,7 @@ class KVCacheManager:
             return False
         # per group: (leading null entries, live blocks)
         layout = [(d, len(t) - d) for t, d in zip(kv.tables, kv.num_dropped)]
-        self._swapped[request.request_id] = (self.storage.copy_out(ids), layout, kv.position_shift)
+        self._swapped[request.request_id] = (self.storage.copy_out(ids), layout, kv.position_shift, kv.rope_at_text)
         self.swap_bytes_used += nbytes
         self.num_swapped_blocks += len(ids)
         self.num_swapped_out_blocks += len(ids)
@@ -454,7 +478,7 @@ class KVCacheManager:
     def swap_in(self, request: Request) -> bool:
         """Bring a swapped-out request's blocks back (evicting from the prefix tree if need be, like
         any allocation); False when the pool cannot hold them yet."""
-        data, layout, shift = self._swapped[request.request_id]
+        data, layout, shift, rope = self._swapped[request.request_id]
         new = self._take(sum(live for _, live in layout))
         if new is None:
             return False
@@ -466,13 +490,13 @@ class KVCacheManager:
             kv.tables.append([NULL_BLOCK] * dropped + new[at : at + live])
             at += live
         kv.num_dropped = [dropped for dropped, _ in layout]
-        kv.position_shift = shift
+        kv.position_shift, kv.rope_at_text = shift, rope
         self.drop_swap(request)
         return True
 
     def swapped_blocks(self) -> dict[str, int]:
         """Request id -> how many of its blocks the CPU swap pool holds."""
-        return {rid: sum(live for _, live in layout) for rid, (_, layout, _) in self._swapped.items()}
+        return {rid: sum(live for _, live in entry[1]) for rid, entry in self._swapped.items()}
 
     def is_swapped(self, request: Request) -> bool:
         return request.request_id in self._swapped
