@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Debian's Chromium drives the /dashboard test in a real browser (Playwright, no browser download)
 APT    := DEBIAN_FRONTEND=noninteractive apt-get install -y -q
 
-.PHONY: run test setup bench bench-llama clean
+.PHONY: run test setup bench bench-llama kvpress-venv clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,13 @@ bench: $(STAMP)
 bench-llama:
 	test -x .venv-llama/bin/python || python3 -m venv .venv-llama
 	.venv-llama/bin/pip install -q 'llama-cpp-python[server]'
+
+# NVIDIA kvpress, the KV-compression reference (tests/fixtures/make_kvpress_fixture.py, benchmarks), in its
+# own venv: it pins transformers < 5.3
+kvpress-venv:
+	test -x .venv-kvpress/bin/python || python3 -m venv .venv-kvpress
+	.venv-kvpress/bin/pip install -q torch==2.13.0
+	.venv-kvpress/bin/pip install -q 'transformers<5.3' kvpress accelerate gguf
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -194,6 +194,7 @@ class StreamResult:
     ttft_s: float | None  # add_request -> first token
     decode_s: float  # first token -> last token
     peak_kv_bytes: int  # most KV bytes live requests held after any step
+    compression: tuple[int, int, int] | None = None  # KV compression: tokens before, kept, blocks given back
 
     @property
     def decode_tok_s(self) -> float | None:
@@ -253,6 +254,9 @@ def stream_request(engine, prompt: str | None, params, prompt_token_ids: list[in
         cached_tokens=final.num_cached_tokens, finish_reason=c.finish_reason,
         ttft_s=None if t_first is None else t_first - t0,
         decode_s=0.0 if t_first is None else t_last - t_first, peak_kv_bytes=peak_kv,
+        compression=tuple(final.metrics[k] for k in ("kv_compression_tokens_before", "kv_compression_tokens_after",
+                                                       "kv_compression_blocks_returned"))
+        if "kv_compression_tokens_before" in final.metrics else None,
     )
 
 
@@ -304,6 +308,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ]
     if mode == "off":
         lines[-1] += " - reserved but never written: --kv-cache off recomputes every step"
+    if r.compression is not None:
+        before, after, returned = r.compression
+        c = params.kv_compression or engine.config.cache.kv_compression
+        lines.append(f"KV compressed:  {before} -> {after} tokens after the prefill ({c.method}, ratio {c.ratio:g}); "
+                     f"{returned} blocks given back")
     print("\n".join(lines), file=sys.stderr, flush=True)
     return 0
 

@@ -53,6 +53,12 @@ _COUNTERS = [
     ("kvserve_engine_steps", "Engine steps run.", "steps"),
     ("kvserve_requests_aborted", "Requests aborted (client gone, abort, shutdown).", "num_aborted"),
     ("kvserve_engine_step_errors", "Engine steps that raised.", "num_errors"),
+    ("kvserve_kv_compressions", "Requests whose KV cache was compressed after prefill.", "kv_compressions"),
+    ("kvserve_kv_compression_tokens_before", "Tokens in compressed requests' caches before compression.",
+     "kv_compression_tokens_before"),
+    ("kvserve_kv_compression_tokens_after", "Tokens kept by KV compression.", "kv_compression_tokens_after"),
+    ("kvserve_kv_compression_blocks_returned", "KV blocks given back to the pool by compression.",
+     "kv_compression_blocks_returned"),
 ]
 
 

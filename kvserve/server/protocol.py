@@ -59,6 +59,9 @@ class SamplingFields(_Model):
     context_overflow: Literal["error", "truncate", "shift"] = Field(
         "error", description="a prompt or generation past the context: refuse / stop (error), keep the prompt's "
                              "last tokens (truncate), or llama.cpp's context shift (shift)")
+    kv_compression: str | dict | None = Field(
+        None, description="compress this request's KV cache after its prefill: {\"method\": \"snapkv\", \"ratio\": 0.5} "
+                          "or \"snapkv:0.5\" (methods: snapkv, streaming_llm, knorm, tova; ratio = fraction removed)")
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be absent or empty")
     user: str | None = None
 

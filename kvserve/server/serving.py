@@ -169,7 +169,7 @@ class OpenAIServing:
                 seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
                 stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
                 logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
-                context_overflow=req.context_overflow,
+                context_overflow=req.context_overflow, kv_compression=req.kv_compression,
             )
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None

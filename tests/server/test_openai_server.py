@@ -311,6 +311,21 @@ def test_context_overflow_truncate_and_shift(server):
     assert r.status_code == 400
 
 
+def test_kv_compression_field(server):
+    """kv_compression on a completion (openai client, extra_body) compresses the prompt's cache, and
+    /metrics counts it; a bad value is a 400."""
+    before = server.metric("kvserve_kv_compression_tokens_before_total")
+    returned = server.metric("kvserve_kv_compression_blocks_returned_total")
+    out = _client(server).completions.create(model=MODEL, prompt="The history of the lighthouse. " * 30, max_tokens=4,
+                                             temperature=0, extra_body={"kv_compression": {"method": "snapkv", "ratio": 0.5}})
+    assert out.choices[0].text
+    assert server.metric("kvserve_kv_compression_tokens_before_total") - before == out.usage.prompt_tokens
+    assert server.metric("kvserve_kv_compression_blocks_returned_total") > returned
+    r = httpx.post(f"{server.url}/v1/completions", headers=server.headers,
+                   json={"model": MODEL, "prompt": "hi", "kv_compression": "zip:0.5"})
+    assert r.status_code == 400 and "method must be one of" in _error(r)["message"]
+
+
 def test_unknown_model_is_404(server):
     with pytest.raises(openai.NotFoundError):
         _client(server).completions.create(model="no-such-model", prompt="hi", max_tokens=1)
