@@ -50,6 +50,8 @@ class Request:
     parent_id: str | None = None  # set for the children of an n > 1 request
     index: int = 0  # which of the parent's n samples this is
     compression: object | None = None  # kv.compress.KVCompression: squeeze the KV cache after the prefill
+    # its prefill has ended in this KV lifetime (compression ran or was not needed); a recompute resets it
+    compression_decided: bool = False
     # after it: (tokens before, tokens kept, blocks returned) of the last compression
     kv_compression_stats: tuple[int, int, int] | None = None
 

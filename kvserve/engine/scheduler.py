@@ -129,13 +129,16 @@ class Scheduler:
         seq = ScheduledSeq(rid, req.all_token_ids[c : c + n], c, tables, c + n == req.num_tokens,
                            all_logits, self.kv.position_shift(rid), self.kv.rope_at_text(rid))
         # KV compression: once per prefill (a recomputed request compresses again), at its last chunk;
-        # the attention methods keep the queries of the prompt's last window as its chunks run
+        # the attention methods keep the queries of the prompt's last window as its chunks run. Decode
+        # steps never compress, even once a short prompt plus its output outgrows the window.
         comp, length = req.compression, req.num_tokens
-        if comp is not None and not seq.rope_at_text and comp.applies_to(length):
-            if comp.query_window and c + n > length - comp.query_window:
-                seq.capture = (length - comp.query_window, comp.query_window)
-            if c + n == length:
-                seq.compress = comp
+        if comp is not None and not req.compression_decided:
+            if comp.applies_to(length):
+                if comp.query_window and c + n > length - comp.query_window:
+                    seq.capture = (length - comp.query_window, comp.query_window)
+                if c + n == length:
+                    seq.compress = comp
+            req.compression_decided = c + n == length
         return seq
 
     def after_step(self, out: SchedulerOutput) -> None:
@@ -161,5 +164,6 @@ class Scheduler:
         # tokens when it is readmitted (with prefix caching, mostly from the tree)
         self.kv.free(req)
         req.num_computed_tokens = 0
+        req.compression_decided = False  # its prefill runs again: so does its compression
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)

@@ -138,3 +138,15 @@ def test_bad_settings_are_refused():
     llm = make_llm(max_model_len=256, num_kv_blocks=32, kv_cache="off")
     with pytest.raises(ValueError, match="no KV cache"):
         llm.generate("Hello", SamplingParams(kv_compression="knorm:0.5"), use_tqdm=False)
+
+
+def test_a_short_prompt_is_not_compressed_while_it_decodes(llm, kept):
+    """A prompt shorter than snapkv's 64-token window is left as it is, and stays so when prompt and
+    output together outgrow the window: compression runs at the end of a prefill only."""
+    ids = FIXTURE["prompts"][1][:40]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+    params.kv_compression = kvc.KVCompression("snapkv", 0.5)
+    out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+    assert not kept and "kv_compression_tokens_before" not in out.metrics
+    assert out.outputs[0].token_ids == plain.outputs[0].token_ids
