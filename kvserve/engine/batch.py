@@ -23,6 +23,7 @@ class ScheduledSeq:
     # KV compression: keep the queries of the prompt's last window (first text position, size) for scoring
     capture: tuple[int, int] | None = None
     compress: object | None = None  # KV compression (kv.compress.KVCompression) to run after this step
+    observe: object | None = None  # h2o while decoding: add this step's attention to the scores, evict
 
     @property
     def num_new_tokens(self) -> int:

@@ -309,10 +309,21 @@ class LLMEngine:
         if self.observers:  # before the step changes them: what each seq is, who is new
             kinds = [self._kind(s) for s in out.seqs]
             arrivals = {rid: r.arrival_time for rid, r in self.scheduler.requests.items() if rid not in self._known}
+        for rid in out.preempted:  # dropped back to the queue: its compression state goes with its KV
+            if self.scheduler.requests[rid].status == RequestStatus.WAITING:
+                self.runner.drop_queries(rid)
         logits = self.runner.execute(out)
         for s in out.seqs:
             if s.compress is not None:  # the prompt is in the cache: squeeze it (kv.compress)
                 self._compress(self.scheduler.requests[s.request_id], s)
+            elif s.observe is not None:  # h2o: score this step's attention, evict a block when over budget
+                req = self.scheduler.requests[s.request_id]
+                kept = self.runner.observe(s)
+                if kept is not None:
+                    returned = self.kv_manager.compressed(req, s.start + 1, kept)
+                    before, _, total = req.kv_compression_stats
+                    req.kv_compression_stats = (before, kept, total + returned)
+                    self.stats["kv_compression_blocks_returned"] += returned
         sampling, rows, r = [], [], 0  # the requests that sample, and their logits rows
         for s in out.seqs:
             req = self.scheduler.requests[s.request_id]
@@ -339,6 +350,8 @@ class LLMEngine:
                 req.first_token_time = now
             self.stats["generation_tokens"] += 1
             self._check_stop(req)
+            if req.is_finished:
+                self.runner.drop_queries(req.request_id)
             touched[req.parent_id] = None
         if self.observers:
             self._observe(out, kinds, arrivals, start)

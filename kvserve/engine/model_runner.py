@@ -21,6 +21,8 @@ class ModelRunner:
         self.model, self.attn = model, attn
         # KV compression: request -> the queries of its prompt's last window, [layers, W, Hq, D]
         self.window_queries: dict[str, torch.Tensor] = {}
+        # h2o: request -> (budget, accumulated attention of its cached tokens [layers, Hkv, cache length])
+        self.h2o: dict[str, tuple[int, torch.Tensor]] = {}
 
     def prepare(self, out: SchedulerOutput) -> ForwardBatch:
         """Flatten the scheduled requests into one batch."""
@@ -81,8 +83,9 @@ class ModelRunner:
         return caps
 
     def drop_queries(self, request_id: str) -> None:
-        """A request left before its compression ran (aborted, preempted): forget its queries."""
+        """A request finished, was aborted or lost its KV (recompute): forget its queries and scores."""
         self.window_queries.pop(request_id, None)
+        self.h2o.pop(request_id, None)
 
     @torch.inference_mode()
     def compress(self, s: ScheduledSeq) -> int:
@@ -94,10 +97,36 @@ class ModelRunner:
         n = kvc.n_kept(length, c.ratio)
         table = s.block_tables[0]
         read = (torch.as_tensor([table], dtype=torch.long, device=kv.device), length)
-        keep = []
+        keep, scores = [], []
+        recent = c.recent(n) if c.method == "h2o" else 0
         for layer in range(self.model.cfg.num_layers):
             keys = kv.read(layer, read)[0][0].transpose(0, 1)  # [Hkv, L, D]
             q = None if queries is None else queries[layer].transpose(0, 1)  # [Hq, W, D]
-            keep.append(kvc.select(kvc.scores(c, keys, q), n))
-        kvc.pack(kv, list(range(self.model.cfg.num_layers)), table, torch.stack(keep))
+            scores.append(kvc.scores(c, keys, q))
+            keep.append(kvc.select(scores[-1], n, recent))
+        keep = torch.stack(keep)
+        kvc.pack(kv, list(range(self.model.cfg.num_layers)), table, keep)
+        if c.method == "h2o":  # the kept tokens' scores go on accumulating while it decodes
+            self.h2o[s.request_id] = (n, torch.stack(scores).gather(2, keep))
         return n
+
+    @torch.inference_mode()
+    def observe(self, s: ScheduledSeq) -> int | None:
+        """h2o, after a decode step: add the step's attention to each cached token's score; once the
+        cache holds a block more than the budget, each (layer, head) keeps its budget (the recent
+        window and the heaviest hitters) packed at the front. Returns the tokens kept when it evicted."""
+        c, kv, L = s.observe, self.attn.kv, self.model.cfg.num_layers
+        budget, acc = self.h2o[s.request_id]
+        q = self.window_queries.pop(s.request_id)  # [layers, 1, Hq, D]
+        length = s.start - s.position_offset + 1  # cached tokens, this step's included
+        table = s.block_tables[0]
+        read = (torch.as_tensor([table], dtype=torch.long, device=kv.device), length)
+        step = [kvc.attention(kv.read(layer, read)[0][0].transpose(0, 1), q[layer, 0]) for layer in range(L)]
+        acc = torch.nn.functional.pad(acc, (0, 1)) + torch.stack(step)  # [layers, Hkv, length]
+        if length < budget + kv.block_size:
+            self.h2o[s.request_id] = (budget, acc)
+            return None
+        keep = torch.stack([kvc.select(acc[layer], budget, c.recent(budget)) for layer in range(L)])
+        kvc.pack(kv, list(range(L)), table, keep)
+        self.h2o[s.request_id] = (budget, acc.gather(2, keep))
+        return budget

@@ -139,6 +139,8 @@ class Scheduler:
                 if c + n == length:
                     seq.compress = comp
             req.compression_decided = c + n == length
+        elif comp is not None and comp.method == "h2o" and seq.rope_at_text and n == 1:
+            seq.capture, seq.observe = (c, 1), comp  # h2o keeps scoring (and evicting) while it decodes
         return seq
 
     def after_step(self, out: SchedulerOutput) -> None:

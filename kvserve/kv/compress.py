@@ -10,6 +10,14 @@ Methods, each the same arithmetic as kvpress's press of that name (tested agains
                    the query heads of each KV head; the window itself is always kept
     streaming_llm  position only: the first ``n_sink`` tokens and the most recent ones
     knorm          the keys with the *lowest* L2 norm (a large key norm goes with little attention)
+    h2o            Heavy-Hitter Oracle, the one that keeps evicting while decoding: a budget of n tokens
+                   per (layer, head), the last ``window_size`` (at most half the budget) always kept,
+                   the rest the "heavy hitters" with the most attention accumulated so far. After the
+                   prefill the prompt's last ``window_size`` queries give the first scores (summed,
+                   not averaged); every decode step adds its query's attention; when the cache holds
+                   a block more than the budget, each head evicts its block_size lowest-scoring
+                   older tokens and a block goes back to the pool (evicting in blocks, not a token
+                   per step, so a step packs at most once per block_size tokens)
     tova           the attention the last prompt token pays each key, averaged over all query heads
                    (every KV head keeps the same tokens); the last token is kept. The one extra method:
                    kvpress ranks it among its strong attention-based presses, and it needs no
@@ -30,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-METHODS = ("snapkv", "streaming_llm", "knorm", "tova")
+METHODS = ("snapkv", "streaming_llm", "knorm", "tova", "h2o")
 NEEDS_QUERIES = {"snapkv", "tova"}  # methods that score by attention: their last queries are captured
 
 
@@ -77,12 +85,16 @@ class KVCompression:
     @property
     def query_window(self) -> int:
         """How many of the prompt's last queries the method reads (0: none)."""
-        return {"snapkv": self.window_size, "tova": 1}.get(self.method, 0)
+        return {"snapkv": self.window_size, "h2o": self.window_size, "tova": 1}.get(self.method, 0)
+
+    def recent(self, budget: int) -> int:
+        """h2o: the most recent tokens always kept."""
+        return min(self.window_size, budget // 2)
 
     def applies_to(self, length: int) -> bool:
         """Whether a prompt of ``length`` tokens is compressed at all: ratio > 0, and longer than what
         the method always keeps (snapkv's window, streaming_llm's sinks)."""
-        floor = {"snapkv": self.window_size, "streaming_llm": self.n_sink}.get(self.method, 0)
+        floor = {"snapkv": self.window_size, "h2o": self.window_size, "streaming_llm": self.n_sink}.get(self.method, 0)
         return self.ratio > 0 and length > floor and n_kept(length, self.ratio) < length
 
 
@@ -108,6 +120,8 @@ def scores(c: KVCompression, keys: torch.Tensor, queries: torch.Tensor | None) -
     # the window's queries sit at positions L-W .. L-1: query i sees keys up to L-W+i
     w = w.masked_fill(torch.ones(W, L, dtype=torch.bool).triu(L - W + 1), float("-inf"))
     w = w.softmax(dim=-1, dtype=torch.float32).to(queries.dtype).float()
+    if c.method == "h2o":  # accumulated (summed) attention of the window's queries, per KV head
+        return w.sum(dim=1).view(H, G, L).mean(1)
     if c.method == "tova":  # the last query's attention, averaged over all query heads: one ranking for every head
         s = w[:, -1, : L - 1].mean(0).expand(H, L - 1)
         return F.pad(s, (0, 1), value=s.max().item() + 1)  # the last token is always kept
@@ -117,9 +131,22 @@ def scores(c: KVCompression, keys: torch.Tensor, queries: torch.Tensor | None) -
     return F.pad(s, (0, W), value=s.max().item() + 1)  # the window is always kept
 
 
-def select(s: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``n`` best-scoring positions per head, in position order: [Hkv, n]."""
+def select(s: torch.Tensor, n: int, recent: int = 0) -> torch.Tensor:
+    """The ``n`` best-scoring positions per head, in position order: [Hkv, n]; the last ``recent``
+    positions are always among them."""
+    if recent:
+        s = s.clone()
+        s[:, s.shape[1] - recent :] = float("inf")
     return s.topk(n, dim=-1).indices.sort(dim=-1).values
+
+
+def attention(keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """One decode query's attention over its cache, averaged over each KV head's query heads: q
+    [Hq, D], keys [Hkv, L, D] -> [Hkv, L] (h2o's running score adds this every step)."""
+    H, L, D = keys.shape
+    G = q.shape[0] // H
+    w = (q.float().view(H, G, D) @ keys.float().transpose(1, 2) / math.sqrt(D)).softmax(dim=-1)  # [H, G, L]
+    return w.mean(1)
 
 
 def pack(kv, layers: list[int], table: list[int], keep: torch.Tensor) -> None:

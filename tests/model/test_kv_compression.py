@@ -150,3 +150,32 @@ def test_a_short_prompt_is_not_compressed_while_it_decodes(llm, kept):
     out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
     assert not kept and "kv_compression_tokens_before" not in out.metrics
     assert out.outputs[0].token_ids == plain.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_h2o_keeps_evicting_while_decoding_within_its_budget(mode):
+    """h2o at 0.5 on a 300-token prompt: 150 tokens kept after the prefill, then a block evicted each
+    time the cache holds a block more, so it never holds more than 150 + 15 tokens however long it
+    decodes; the evicted blocks go back to the pool; preempted (another request outgrows the pool)
+    and resumed, it goes on the same way."""
+    ids = FIXTURE["prompts"][0]
+    llm = make_llm(max_model_len=368, num_kv_blocks=24, enable_prefix_caching=False, preemption_mode=mode)
+    e = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, kv_compression="h2o:0.5")
+    rid = e.add_request({"prompt_token_ids": ids}, params)
+    other = e.add_request({"prompt_token_ids": FIXTURE["prompts"][1]}, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+    most, fin = 0, None
+    while e.has_unfinished_requests():
+        for o in e.step():
+            if o.request_id == rid and o.finished:
+                fin = o
+        e.kv_manager.check_integrity()
+        r = e.scheduler.requests.get(rid)
+        if r is not None and r.compression_decided and e.kv_manager.rope_at_text(rid):
+            most = max(most, r.num_computed_tokens - e.kv_manager.position_shift(rid))
+    assert e.scheduler.num_preemptions > 0
+    assert 150 < most <= 165
+    m = fin.metrics
+    assert m["kv_compression_tokens_before"] >= 300 and m["kv_compression_tokens_after"] == kvc.n_kept(m["kv_compression_tokens_before"], 0.5)
+    assert m["kv_compression_blocks_returned"] >= (19 - 10) + 3  # after the prefill, then ~64 / 16 while decoding
+    assert not e.runner.h2o and not e.runner.window_queries

@@ -68,3 +68,13 @@ def test_parse():
     assert kvc.KVCompression.parse(None) is None
     with pytest.raises(ValueError, match="method:ratio"):
         kvc.KVCompression.parse("snapkv:half")
+
+
+def test_select_keeps_the_recent_window_then_the_heaviest():
+    s = torch.tensor([[5.0, 0.1, 4.0, 0.2, 0.3, 0.0, 0.0]])
+    assert kvc.select(s, 4, recent=2).tolist() == [[0, 2, 5, 6]]
+    assert kvc.select(s, 4).tolist() == [[0, 2, 3, 4]]
+    keys, q = torch.randn(2, 9, 8), torch.randn(6, 8)
+    w = kvc.attention(keys, q)
+    ref = torch.stack([torch.softmax(q[h * 3 : (h + 1) * 3] @ keys[h].T / 8 ** 0.5, dim=-1).mean(0) for h in range(2)])
+    assert torch.allclose(w, ref, atol=1e-6) and torch.allclose(w.sum(-1), torch.ones(2))
