@@ -314,16 +314,8 @@ class LLMEngine:
                 self.runner.drop_queries(rid)
         logits = self.runner.execute(out)
         for s in out.seqs:
-            if s.compress is not None:  # the prompt is in the cache: squeeze it (kv.compress)
+            if s.compress is not None or s.observe is not None:
                 self._compress(self.scheduler.requests[s.request_id], s)
-            elif s.observe is not None:  # h2o: score this step's attention, evict a block when over budget
-                req = self.scheduler.requests[s.request_id]
-                kept = self.runner.observe(s)
-                if kept is not None:
-                    returned = self.kv_manager.compressed(req, s.start + 1, kept)
-                    before, _, total = req.kv_compression_stats
-                    req.kv_compression_stats = (before, kept, total + returned)
-                    self.stats["kv_compression_blocks_returned"] += returned
         sampling, rows, r = [], [], 0  # the requests that sample, and their logits rows
         for s in out.seqs:
             req = self.scheduler.requests[s.request_id]
@@ -358,15 +350,24 @@ class LLMEngine:
         return [self._output(pid) for pid in touched]
 
     def _compress(self, req: Request, s) -> None:
+        """KV compression after the step (kv.compress): squeeze the prompt the step finished, or (h2o
+        while decoding) add the step's attention to the scores and evict a block when over budget.
+        The runner moves the K/V; the manager gives the blocks past the kept tokens back."""
         length = s.start + s.num_new_tokens
-        kept = self.runner.compress(s)
+        kept = self.runner.compress(s) if s.compress is not None else self.runner.observe(s)
+        if kept is None:  # h2o, still within its budget
+            return
         returned = self.kv_manager.compressed(req, length, kept)
-        req.kv_compression_stats = (length, kept, returned)
         st = self.stats
+        st["kv_compression_blocks_returned"] += returned
+        if s.compress is None:
+            before, _, total = req.kv_compression_stats
+            req.kv_compression_stats = (before, kept, total + returned)
+            return
+        req.kv_compression_stats = (length, kept, returned)
         st["kv_compressions"] += 1
         st["kv_compression_tokens_before"] += length
         st["kv_compression_tokens_after"] += kept
-        st["kv_compression_blocks_returned"] += returned
 
     # ------------------------------------------------------------------ step records (--explain, --trace)
     def _kind(self, s) -> str:

@@ -82,6 +82,14 @@ class ModelRunner:
             t += s.num_new_tokens
         return caps
 
+    def _layer_keys(self, table: list[int], length: int):
+        """Each layer's cached keys of one request's first ``length`` tokens, [Hkv, length, D] (a
+        quantized cache dequantized), one layer at a time."""
+        kv = self.attn.kv
+        read = (torch.as_tensor([table], dtype=torch.long, device=kv.device), length)
+        for layer in range(self.model.cfg.num_layers):
+            yield kv.read(layer, read)[0][0].transpose(0, 1)
+
     def drop_queries(self, request_id: str) -> None:
         """A request finished, was aborted or lost its KV (recompute): forget its queries and scores."""
         self.window_queries.pop(request_id, None)
@@ -96,11 +104,9 @@ class ModelRunner:
         queries = self.window_queries.pop(s.request_id, None)
         n = kvc.n_kept(length, c.ratio)
         table = s.block_tables[0]
-        read = (torch.as_tensor([table], dtype=torch.long, device=kv.device), length)
         keep, scores = [], []
         recent = c.recent(n) if c.method == "h2o" else 0
-        for layer in range(self.model.cfg.num_layers):
-            keys = kv.read(layer, read)[0][0].transpose(0, 1)  # [Hkv, L, D]
+        for layer, keys in enumerate(self._layer_keys(table, length)):
             q = None if queries is None else queries[layer].transpose(0, 1)  # [Hq, W, D]
             scores.append(kvc.scores(c, keys, q))
             keep.append(kvc.select(scores[-1], n, recent))
@@ -120,8 +126,7 @@ class ModelRunner:
         q = self.window_queries.pop(s.request_id)  # [layers, 1, Hq, D]
         length = s.start - s.position_offset + 1  # cached tokens, this step's included
         table = s.block_tables[0]
-        read = (torch.as_tensor([table], dtype=torch.long, device=kv.device), length)
-        step = [kvc.attention(kv.read(layer, read)[0][0].transpose(0, 1), q[layer, 0]) for layer in range(L)]
+        step = [kvc.attention(keys, q[layer, 0]) for layer, keys in enumerate(self._layer_keys(table, length))]
         acc = torch.nn.functional.pad(acc, (0, 1)) + torch.stack(step)  # [layers, Hkv, length]
         if length < budget + kv.block_size:
             self.h2o[s.request_id] = (budget, acc)
