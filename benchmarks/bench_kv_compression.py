@@ -14,9 +14,11 @@ Per method (snapkv, streaming_llm, knorm, tova) and ratio (0.25, 0.5, 0.75), for
   the uncompressed prefill decides) from the uncompressed one, mean over prompts;
 - and, kvserve against kvpress directly: the share of prompts whose compressed answers are identical.
 
-Memory and speed (kvserve): KV bytes per 2k-token request after compression, and 32 requests of 2k
-tokens (+32 generated) through one 512 MiB pool: the most running at once and the throughput,
-uncompressed and with each method at 0.5.
+Memory and speed (kvserve, in the engine's default dtype): KV bytes per 2k-token request after
+compression, and 32 requests of 2k tokens through one 512 MiB pool, generating 32 tokens each (a
+prefill-bound load: compression cannot speed up the prefill it follows) and 256 each (decode matters):
+the most running at once and the throughput (prompt + generated tokens per second), uncompressed and
+with each method at 0.5. ``--parts throughput`` runs this part alone (no kvpress needed).
 
     make kvpress-venv                                    # once: kvpress in its own venv
     .venv/bin/python benchmarks/bench_kv_compression.py  # ~25 min on 2 cores
@@ -95,11 +97,11 @@ def run_kvserve(llm: LLM, prompts, press: str | None) -> list[dict]:
     return out
 
 
-def throughput(press: str | None, ids: list[list[int]], pool: str) -> dict:
-    llm = LLM("smollm2-135m", dtype="float32", max_model_len=4096, kv_cache_memory=pool, max_num_seqs=32,
+def throughput(press: str | None, ids: list[list[int]], pool: str, new: int) -> dict:
+    llm = LLM("smollm2-135m", max_model_len=4096, kv_cache_memory=pool, max_num_seqs=32,
               max_num_batched_tokens=2048, enable_prefix_caching=False)
     e = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, kv_compression=press)
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, kv_compression=press)
     for p in ids:
         e.add_request({"prompt_token_ids": p}, params)
     t0, peak, tokens = time.perf_counter(), 0, 0
@@ -109,26 +111,14 @@ def throughput(press: str | None, ids: list[list[int]], pool: str) -> dict:
                 tokens += len(o.prompt_token_ids) + len(o.outputs[0].token_ids)
         peak = max(peak, len(e.scheduler.running))
     dt = time.perf_counter() - t0
-    return {"seconds": dt, "tokens_per_s": tokens / dt, "peak_running": peak,
-            "preemptions": e.scheduler.num_preemptions, "kv_bytes_per_token": e.kv_spec.bytes_per_token}
+    return {"seconds": dt, "tokens_per_s": tokens / dt, "peak_running": peak, "dtype": str(e.dtype).replace("torch.", ""),
+            "preemptions": e.scheduler.num_preemptions, "kv_bytes_per_token": e.kv_spec.bytes_per_token,
+            "tokens_after_compression": e.stats["kv_compression_tokens_after"] / max(1, e.stats["kv_compressions"])}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", default="1024,2048,4096")
-    ap.add_argument("--depths", default="0.2,0.5,0.8")
-    ap.add_argument("--requests", type=int, default=32, help="throughput part: requests of 2k tokens")
-    ap.add_argument("--pool", default="512MiB", help="throughput part: the KV pool")
-    ap.add_argument("--out", default=str(RESULTS_DIR / "kv_compression.json"))
-    args = ap.parse_args()
-    info = cpu_info()
-    print(format_cpu_info(info), flush=True)
-    src = resolve_model("smollm2-135m")
-    tok = load_tokenizer(src)
-    prompts = needle_prompts(tok, [int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")])
+def quality(tok, src, prompts) -> tuple[dict, dict]:
+    """kvpress (in its venv) and kvserve on the same passkey prompts: needle, agreement, KL per press."""
     presses = [f"{m}:{r}" for m in METHODS for r in RATIOS]
-
-    # kvpress, in its own venv, on the same token ids
     with tempfile.TemporaryDirectory() as d:
         spec, res = Path(d) / "in.json", Path(d) / "out.json"
         spec.write_text(json.dumps({"mode": "bench", "model_dir": str(src.path.parent), "gguf_file": src.path.name,
@@ -178,42 +168,99 @@ def main() -> None:
                      pct(entry["same_answer_as_kvpress"])])
     print(format_table(["press", "needle kvserve", "needle kvpress", "agreement kvserve", "agreement kvpress",
                         "KL kvserve", "KL kvpress", "same answer as kvpress"], rows), flush=True)
+    return table, {"kvpress_version": ref["kvpress_version"], "transformers_version_kvpress": ref["transformers_version"]}
 
-    # memory and throughput (kvserve): 32 x 2k-token prompts through one pool
+
+def speed(tok, requests: int, pool: str, news: list[int]) -> dict:
+    """32 x 2k-token prompts through one pool, uncompressed and with each method at 0.5, per output length."""
     text = tok.encode(corpus_text()[:400000], add_special_tokens=False)
-    long = [text[i * 2048 : (i + 1) * 2048] for i in range(args.requests)]
-    tput = {"none": throughput(None, long, args.pool)}
-    for m in METHODS:
-        tput[f"{m}:0.5"] = throughput(f"{m}:0.5", long, args.pool)
-    base = tput["none"]
-    trows = [[k, v["peak_running"], f"{v['peak_running'] / base['peak_running']:.2f}x", f"{v['tokens_per_s']:.0f}",
-              f"{v['tokens_per_s'] / base['tokens_per_s']:.2f}x", v["preemptions"]] for k, v in tput.items()]
-    print(format_table(["press", "most running at once", "vs none", "throughput tok/s", "vs none", "preemptions"], trows))
-    kv_bytes = {k: (2048 if k == "none" else int(2048 * 0.5)) * base["kv_bytes_per_token"] for k in tput}
+    long = [text[i * 2048 : (i + 1) * 2048] for i in range(requests)]
+    out = {}
+    for new in news:
+        tput = {"none": throughput(None, long, pool, new)}
+        for m in METHODS:
+            tput[f"{m}:0.5"] = throughput(f"{m}:0.5", long, pool, new)
+            print(f"{new} new tokens, {m}:0.5: {tput[f'{m}:0.5']['seconds']:.0f} s", flush=True)
+        base = tput["none"]
+        for v in tput.values():
+            v["concurrency_vs_none"] = v["peak_running"] / base["peak_running"]
+            v["throughput_vs_none"] = v["tokens_per_s"] / base["tokens_per_s"]
+        print(f"{requests} x 2048-token prompts, {new} generated tokens each, {pool} pool ({base['dtype']}):")
+        print(format_table(["press", "most running at once", "vs none", "KV tokens per request after prefill",
+                            "throughput tok/s", "vs none", "preemptions"],
+                           [[k, v["peak_running"], f"{v['concurrency_vs_none']:.2f}x",
+                             f"{v['tokens_after_compression']:.0f}" if k != "none" else "2048",
+                             f"{v['tokens_per_s']:.0f}", f"{v['throughput_vs_none']:.2f}x", v["preemptions"]]
+                            for k, v in tput.items()]), flush=True)
+        out[str(new)] = tput
+    return out
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="quality,throughput", help="quality (needs .venv-kvpress), throughput")
+    ap.add_argument("--lengths", default="1024,2048,4096")
+    ap.add_argument("--depths", default="0.2,0.5,0.8")
+    ap.add_argument("--requests", type=int, default=32, help="throughput part: requests of 2k tokens")
+    ap.add_argument("--pool", default="512MiB", help="throughput part: the KV pool")
+    ap.add_argument("--new-tokens", default="32,256", help="throughput part: tokens generated per request")
+    ap.add_argument("--out", default=str(RESULTS_DIR / "kv_compression.json"))
+    args = ap.parse_args()
+    parts = args.parts.split(",")
+    info = cpu_info()
+    print(format_cpu_info(info), flush=True)
+    src = resolve_model("smollm2-135m")
+    tok = load_tokenizer(src)
+    prompts = needle_prompts(tok, [int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")])
+    table, versions = quality(tok, src, prompts) if "quality" in parts else (None, {})
+    news = [int(x) for x in args.new_tokens.split(",")]
+    tput = speed(tok, args.requests, args.pool, news) if "throughput" in parts else None
+
+    targets = {}
+    if table is not None:
+        gaps = [abs(e[f"kvserve_{q}"] - e[f"kvpress_{q}"]) for e in table.values() if "kvpress_agreement" in e
+                for q in ("needle", "agreement")]
+        targets["quality within 1 point of kvpress"] = max(gaps) <= 0.01
+    if tput is not None:
+        at = tput[str(max(news))]
+        targets["ratio 0.5: >= 1.8x concurrent"] = min(v["concurrency_vs_none"] for k, v in at.items() if k != "none") >= 1.8
+        targets[f"throughput >= 1.5x uncompressed ({max(news)} generated)"] = max(
+            v["throughput_vs_none"] for k, v in at.items() if k != "none") >= 1.5
+    print("targets:", targets)
     save_json(args.out, {"date": now_iso(), "command": command_line(), "settings": settings_of(args), "cpu": info,
-                         "kvpress_version": ref["kvpress_version"], "transformers_version_kvpress": ref["transformers_version"],
-                         "prompts": [{"tokens": len(p), "key": k} for p, k in prompts], "quality": table,
-                         "throughput": tput, "kv_bytes_per_2k_request": kv_bytes,
-                         "targets": {"quality within 1 point of kvpress": None, "ratio 0.5: >= 1.8x concurrent": None,
-                                     "throughput >= 1.5x uncompressed": None}})
+                         **versions, "prompts": [{"tokens": len(p), "key": k} for p, k in prompts], "quality": table,
+                         "throughput": tput, "targets": targets})
     plt = pyplot()
-    if plt is not None:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
+    if plt is None:
+        return
+    panels = (["agreement", "kl"] if table else []) + (["speed"] if tput else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), dpi=110, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "speed":
+            labels = list(tput[str(news[0])])
+            width = 0.8 / len(news)
+            for i, new in enumerate(news):
+                ax.bar([x + i * width for x in range(len(labels))], [tput[str(new)][k]["throughput_vs_none"] for k in labels],
+                       width, label=f"throughput, {new} generated")
+            ax.plot(range(len(labels)), [tput[str(news[0])][k]["concurrency_vs_none"] for k in labels], "ko", label="running at once")
+            ax.axhline(1.5, color="gray", ls=":", lw=1)
+            ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
+            ax.set(ylabel="vs uncompressed", title=f"{args.requests} x 2k prompts in a {args.pool} pool")
+            ax.legend(fontsize=7)
+            continue
         for m in METHODS:
             for sysname, style in (("kvserve", "-o"), ("kvpress", "--x")):
-                axes[0].plot(RATIOS, [table[f"{m}:{r}"][f"{sysname}_agreement"] for r in RATIOS], style, label=f"{m} ({sysname})")
-                axes[1].plot(RATIOS, [table[f"{m}:{r}"][f"{sysname}_kl"] for r in RATIOS], style, label=f"{m} ({sysname})")
-        axes[0].set(xlabel="compression ratio (fraction removed)", ylabel="answers equal to the uncompressed one",
-                    title="agreement")
-        axes[1].set(xlabel="compression ratio", ylabel="KL at the 2nd answer token", title="KL divergence", yscale="log")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=6)
-        fig.suptitle(f"KV compression, SmolLM2-135M fp32, {len(prompts)} passkey prompts: kvserve vs kvpress "
-                     f"{ref['kvpress_version']}", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(Path(args.out).with_suffix(".png"))
+                ax.plot(RATIOS, [table[f"{m}:{r}"][f"{sysname}_{panel}"] for r in RATIOS], style, label=f"{m} ({sysname})")
+        ax.set(xlabel="compression ratio (fraction removed)",
+               ylabel="answers equal to the uncompressed one" if panel == "agreement" else "KL at the 2nd answer token",
+               title=panel, yscale="linear" if panel == "agreement" else "log")
+        if panel == "agreement":
+            ax.legend(fontsize=6)
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"KV compression, SmolLM2-135M: kvserve vs kvpress {versions.get('kvpress_version', '')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(Path(args.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class EngineArgs:
     max_num_batched_tokens: int = 512  # tokens in one forward
     enable_chunked_prefill: bool = True
     seed: int | None = None  # seed of the sampler's random stream
+    tensor_parallel_size: int = 1  # processes the model and its KV cache are split over, by heads
 
     # ------------------------------------------------------------------ config
     def create_engine_config(self):
@@ -71,7 +72,8 @@ class EngineArgs:
                                 max_model_len=self.max_model_len or 1,
                                 enable_chunked_prefill=self.enable_chunked_prefill)
         return EngineConfig(model=self.model, dtype=self.dtype, device=self.device, quantization=self.quantization,
-                            seed=self.seed, max_model_len=self.max_model_len, cache=cache, scheduler=sched)
+                            seed=self.seed, max_model_len=self.max_model_len, cache=cache, scheduler=sched,
+                            tensor_parallel_size=self.tensor_parallel_size)
 
     # ------------------------------------------------------------------ command line
     @staticmethod
@@ -131,6 +133,8 @@ class EngineArgs:
         add("enable_chunked_prefill", "--no-chunked-prefill", action="store_false",
             help="run each prompt in one step instead of chunks that share the token budget")
         add("seed", type=int, help="seed of the sampler's random stream")
+        add("tensor_parallel_size", type=int, help="split the model and its KV cache by heads over this many "
+                                                   "processes (torch.distributed: gloo on CPU, NCCL on CUDA) (default: %(default)s)")
         return parser
 
     @classmethod

@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, required=True, help="sequences held at once")
     p.add_argument("--memory", default="4GiB", help="memory budget for the fit table (default: %(default)s)")
     # the engine's own flags, where they change the arithmetic; fp32 unless told, whatever this CPU prefers
-    EngineArgs.add_cli_args(p, only=("model", "dtype", "kv_cache", "block_size", "kv_cache_dtype", "max_model_len"),
-                            dtype="float32")
+    EngineArgs.add_cli_args(p, only=("model", "dtype", "kv_cache", "block_size", "kv_cache_dtype", "max_model_len",
+                                     "tensor_parallel_size"), dtype="float32")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_estimate)
 
@@ -435,11 +435,12 @@ def _longest_seq(spec, budget: int) -> int:
 
 def estimate(model: str, seq_len: int | None, batch: int, dtype: str = "float32", kv_cache: str = "paged",
              block_size: int = 16, memory: str | int = "4GiB", kv_cache_dtype: str = "auto",
-             max_model_len: int | None = None) -> dict:
+             max_model_len: int | None = None, tensor_parallel_size: int = 1) -> dict:
     """Everything ``kvserve estimate`` prints, as a dict (bytes as ints). ``dtype`` / ``kv_cache_dtype`` as
     in ``LLM``: the KV dtype is ``kv_cache_dtype`` unless "auto", else the model's. ``seq_len`` None: the
     max_model_len, else the model's context. A contiguous slot holds ``max_model_len`` tokens (default
-    ``seq_len``); a paged pool is sized to hold the whole batch at ``seq_len``."""
+    ``seq_len``); a paged pool is sized to hold the whole batch at ``seq_len``. Under tensor parallelism
+    each rank holds its KV heads (``models.shard``): the ``*_per_rank`` figures, and their sum over ranks."""
     import torch
 
     from kvserve.config import KV_CACHE_QUANT_DTYPES, CacheConfig, SchedulerConfig, parse_bytes
@@ -498,14 +499,31 @@ def estimate(model: str, seq_len: int | None, batch: int, dtype: str = "float32"
         "sliding_window": cfg.sliding_window if any(g.spec.window for g in spec.groups) else None,
         "num_sliding_layers": sum(len(g.layers) for g in spec.groups if g.spec.window),
         "num_groups": len(spec.groups),
+        **_per_rank(cfg, kv_dtype, quant, tensor_parallel_size, seq_len, batch),
     }
+
+
+def _per_rank(cfg, kv_dtype, quant, world: int, seq_len: int, batch: int) -> dict:
+    """Tensor parallelism: each rank's KV heads and bytes, and the sum over ranks (replicated KV heads
+    counted on every rank that holds one)."""
+    from kvserve.kv.spec import KVSpec
+    from kvserve.models.shard import check_tp, shard_config
+
+    try:
+        check_tp(cfg, world)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    spec = KVSpec.from_model(shard_config(cfg, 0, world), kv_dtype, quant)
+    return {"tensor_parallel_size": world, "num_kv_heads_per_rank": spec.num_kv_heads,
+            "bytes_per_token_per_rank": spec.bytes_per_token, "formula_bytes_per_rank": spec.formula_bytes(seq_len, batch),
+            "formula_bytes_all_ranks": world * spec.formula_bytes(seq_len, batch)}
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     from kvserve.kv.spec import format_bytes
 
     e = estimate(args.model, args.seq_len, args.batch, args.dtype, args.kv_cache, args.block_size, args.memory,
-                 args.kv_cache_dtype, args.max_model_len)
+                 args.kv_cache_dtype, args.max_model_len, args.tensor_parallel_size)
     if args.json:
         print(json.dumps(e, indent=2))
         return 0
@@ -555,6 +573,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                f"{e['block_size']})" if e["padding_bytes"] else "")
             + ": the +1 is the null block that pads reads, never handed to a sequence",
         ]
+    if e["tensor_parallel_size"] > 1:
+        n = e["tensor_parallel_size"]
+        out += ["", f"tensor parallel over {n} ranks: each holds {e['num_kv_heads_per_rank']} of the {H} KV heads "
+                    f"({e['bytes_per_token_per_rank']:,} bytes per token), {format_bytes(e['formula_bytes_per_rank'])} "
+                    f"per rank, {format_bytes(e['formula_bytes_all_ranks'])} over all ranks"
+                    + (" (KV heads replicated: fewer heads than ranks)" if n > H else "")]
     if S > e["model_context_length"]:
         out.append(f"note: seq {S} is longer than the model's context ({e['model_context_length']} tokens)")
     out += [

@@ -50,6 +50,7 @@ class LLM:
         max_num_batched_tokens: int = 512,
         enable_chunked_prefill: bool = True,
         seed: int | None = None,
+        tensor_parallel_size: int = 1,
     ):
         self.engine_args = EngineArgs(
             model=model, dtype=dtype, device=device, quantization=quantization, kv_cache=kv_cache,
@@ -60,7 +61,7 @@ class LLM:
             kv_cache_dir=kv_cache_dir, kv_cache_dir_size=kv_cache_dir_size, kv_compression=kv_compression,
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            enable_chunked_prefill=enable_chunked_prefill, seed=seed)
+            enable_chunked_prefill=enable_chunked_prefill, seed=seed, tensor_parallel_size=tensor_parallel_size)
         self.engine = LLMEngine(self.engine_args.create_engine_config())
 
     @classmethod
@@ -68,6 +69,10 @@ class LLM:
         return cls(**asdict(args))
 
     # ------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers, if any (also done at exit)."""
+        self.engine.shutdown()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

@@ -237,6 +237,8 @@ class AsyncLLM:
             self._thread.join(timeout)
         if wait:
             self.engine.flush_kv_tiers()  # blocks queued for the disk tier: on disk before we exit
+            if not self._thread.is_alive():
+                self.engine.shutdown()  # tensor-parallel workers
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:

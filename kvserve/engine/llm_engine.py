@@ -11,18 +11,19 @@ import torch
 
 from kvserve import prompts
 from kvserve.attn import select_backend
-from kvserve.config import KV_CACHE_QUANT_DTYPES, CacheConfig, KVCacheMode, ModelConfig, SchedulerConfig
+from kvserve.config import KV_CACHE_QUANT_DTYPES, CacheConfig, KVCacheMode, ModelConfig, PreemptionMode, SchedulerConfig
 from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.sampler import Sampler
 from kvserve.engine.scheduler import Scheduler
+from kvserve.engine.tp import ParallelRunner, TensorParallel
 from kvserve.engine.trace import KVCounters, StepRecord
 from kvserve.kv.block_pool import BlockPool
 from kvserve.kv.manager import KVCacheManager, cdiv
 from kvserve.kv.spec import KVSpec, format_bytes
 from kvserve.kv.storage import KVCache
 from kvserve.kv.tiers import DiskTier, HostTier, TieredStore, model_identity
-from kvserve.models.decoder import Decoder
-from kvserve.models.loader import DEFAULT_MODEL, load_tokenizer, load_weights, resolve_model
+from kvserve.models.loader import DEFAULT_MODEL, load_tokenizer, resolve_model
+from kvserve.models.shard import load_model
 from kvserve.request import CompletionOutput, Request, RequestOutput, RequestStatus
 from kvserve.sampling_params import SamplingParams
 
@@ -86,6 +87,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context length
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig | None = None  # max_model_len is filled in from the model when None
+    tensor_parallel_size: int = 1  # ranks the model and its KV cache are split over, by heads (engine.tp)
 
 
 def plan_kv_pool(spec: KVSpec, cache: CacheConfig, sched: SchedulerConfig) -> tuple[int, int]:
@@ -125,8 +127,11 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         t0 = time.perf_counter()
         src = resolve_model(config.model)
-        self.model_config: ModelConfig
-        self.model_config, weights = load_weights(src, self.dtype)
+        world = config.tensor_parallel_size
+        self._check_tensor_parallel(world)
+        self.model_config: ModelConfig  # the whole model's; self.model.cfg is rank 0's slice under TP
+        self.model_config, self.model = load_model(src, self.dtype, self.device, config.quantization,
+                                                   config.max_model_len, rank=0, world=world)
         self.tokenizer = load_tokenizer(src)
         cfg = self.model_config
         max_len = config.max_model_len or cfg.max_position_embeddings
@@ -139,11 +144,11 @@ class LLMEngine:
             sched.enable_chunked_prefill = False  # a chunk would be forgotten before its end is reached
         sched.__post_init__()
         self.scheduler_config = sched
-        self.model = Decoder(cfg, weights, self.dtype, self.device, config.quantization, max_positions=max_len)
-        del weights
-        self.kv_spec = KVSpec.from_model(cfg, self.dtype, resolve_kv_dtype(cache.kv_cache_dtype, self.dtype))
+        # per rank: under tensor parallelism each rank's pool holds its own heads' K/V (the same blocks)
+        self.kv_spec = KVSpec.from_model(self.model.cfg, self.dtype, resolve_kv_dtype(cache.kv_cache_dtype, self.dtype))
         num_blocks, block_size = plan_kv_pool(self.kv_spec, cache, sched)
         self.kv_cache = KVCache(self.kv_spec, num_blocks, block_size, self.device)
+        self.tp = TensorParallel(config, world, self.device, num_blocks, block_size, max_len) if world > 1 else None
         self.sink_policy = cache.kv_cache_policy == "sink_window"
         sink = None
         if self.sink_policy:
@@ -157,17 +162,19 @@ class LLMEngine:
                                  f"({sched.max_num_batched_tokens}) = {longest} cache positions must fit "
                                  f"max_model_len={max_len}")
         self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size, bool(cache.enable_prefix_caching),
-                                         storage=self.kv_cache, num_groups=len(self.kv_spec.groups),
+                                         storage=self.tp.mirror(self.kv_cache) if self.tp else self.kv_cache,
+                                         num_groups=len(self.kv_spec.groups),
                                          swap_space=cache.swap_space, sink_window=sink,
                                          max_model_len=max_len, num_keep_tokens=cache.num_sink_tokens,
                                          tiers=self._make_tiers(src, cache))
         self.scheduler = Scheduler(sched, cache, self.kv_manager)
-        self.attn_backend = select_backend(self.kv_cache, cfg.num_heads)
+        self.attn_backend = select_backend(self.kv_cache, self.model.cfg.num_heads)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
-        self.runner = ModelRunner(self.model, self.attn_backend)
+        self.runner = (ParallelRunner(self.model, self.attn_backend, self.tp) if self.tp
+                       else ModelRunner(self.model, self.attn_backend))
         self.sampler = Sampler(self.eos_token_ids, config.seed)
         self.requests: dict[str, Request] = {}  # live requests (children for n > 1)
         self.parents: dict[str, list[Request]] = {}  # user-facing request id -> its n samples
@@ -186,6 +193,27 @@ class LLMEngine:
             format_bytes(self.kv_cache.nbytes), self.kv_spec.storage_name,
             format_bytes(self.kv_spec.bytes_per_token), self.attn_backend.name,
         )
+
+    def _check_tensor_parallel(self, world: int) -> None:
+        """What tensor parallelism cannot run with yet (engine.tp), refused before any worker starts."""
+        if world == 1:
+            return
+        cache, why = self.config.cache, []
+        if cache.preemption_mode == PreemptionMode.SWAP:
+            why.append("preemption_mode='swap' (use 'recompute')")
+        if cache.kv_offload_memory or cache.kv_cache_dir:
+            why.append("the KV tiers (kv_offload_memory, kv_cache_dir)")
+        if cache.kv_compression is not None:
+            why.append("kv_compression")
+        if self.device.type == "cuda" and torch.cuda.device_count() < world:
+            why.append(f"{world} ranks on {torch.cuda.device_count()} GPU(s)")
+        if why:
+            raise ValueError(f"tensor_parallel_size={world} does not run with " + ", ".join(why) + " yet")
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at exit)."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     def _make_tiers(self, src, cache: CacheConfig) -> TieredStore | None:
         """The KV tiers below the pool, when asked for; blocks are keyed under this model's identity
@@ -281,6 +309,8 @@ class LLMEngine:
             why = "this model has sliding-window layers (not supported yet)"
         elif self.sink_policy or params.context_overflow == "shift":
             why = "the sink_window policy and context_overflow='shift' already move this request's keys"
+        elif self.tp is not None:
+            why = "tensor parallelism (each rank holds only its heads; scores need them all)"
         if why:
             raise ValueError(f"kv_compression {c.method}:{c.ratio} cannot run: {why}")
         return c
@@ -501,5 +531,9 @@ class LLMEngine:
             "requests_waiting": len(s.waiting),
             **(self.kv_manager.tiers.stats() if self.kv_manager.tiers is not None else {}),
             "requests_swapped": len(s.swapped),
+            # tensor parallelism: each rank's pool holds its heads' K/V (the figures above are rank 0's)
+            "tensor_parallel_size": self.config.tensor_parallel_size,
+            "kv_bytes_per_token_all_ranks": self.kv_spec.bytes_per_token * self.config.tensor_parallel_size,
+            "kv_bytes_allocated_all_ranks": self.kv_cache.nbytes * self.config.tensor_parallel_size,
             **{k: v for k, v in self.stats.items() if k.startswith("kv_compression")},
         }

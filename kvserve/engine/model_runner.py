@@ -49,10 +49,11 @@ class ModelRunner:
             attn=self.attn.prepare(spans),
         )
 
-    def execute(self, out: SchedulerOutput) -> torch.Tensor | None:
+    def execute(self, out: SchedulerOutput, logits: bool = True) -> torch.Tensor | None:
         """Run one step; the fp32 logits [R, vocab]: in step order, all rows of a sequence with
         ``all_logits``, else the last row of one that samples (None when no row has logits: every
-        request ran a prompt chunk short of its end)."""
+        request ran a prompt chunk short of its end, or ``logits`` is False: a tensor-parallel worker,
+        which runs the layers but leaves the LM head and sampling to rank 0)."""
         for group, block_ids, delta in out.position_shifts:  # sink_window / context shift: kept keys move down
             self.model.shift_keys(self.attn.kv, block_ids, delta, self.attn.kv.spec.groups[group].layers)
         batch = self.prepare(out)
@@ -61,7 +62,7 @@ class ModelRunner:
             hidden = self.model.forward(batch, self.attn)
         finally:
             self.attn.capture = []
-        if not any(s.sample or s.all_logits for s in out.seqs):
+        if not logits or not any(s.sample or s.all_logits for s in out.seqs):
             return None
         return self.model.compute_logits(hidden)
 

@@ -38,6 +38,16 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return logits
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from ``probs`` [V] by the inverse CDF: one uniform number and a binary search.
+    (torch.multinomial draws one exponential number per vocabulary entry: ~0.8 ms for SmolLM2's 49k
+    tokens, 13 ms of a 16-request decode step.) A token of probability 0 is never drawn: the search
+    finds the first cumulative sum strictly above u * total."""
+    cum = probs.double().cumsum(-1)
+    u = torch.rand((), dtype=torch.float64, generator=generator) * cum[-1]
+    return min(int(torch.searchsorted(cum, u, right=True)), probs.shape[-1] - 1)
+
+
 class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...], seed: int | None = None):
         self.eos_token_ids = list(eos_token_ids)
@@ -65,7 +75,7 @@ class Sampler:
             filtered = filter_logits(logits / p.temperature, p.top_k, p.top_p, p.min_p)
             probs = filtered.softmax(-1)
             if torch.isfinite(probs).all() and probs.sum() > 0:
-                token = int(torch.multinomial(probs, 1, generator=req.generator or self.generator))
+                token = draw(probs, req.generator or self.generator)
             else:  # extreme parameters (a tiny temperature, huge penalties) overflowed: take the best token
                 token = int(logits.argmax())
         logprobs = None

@@ -32,6 +32,7 @@ manager's ``position_shift`` with ``rope_at_text``). Codes and scales of a quant
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -115,10 +116,15 @@ def scores(c: KVCompression, keys: torch.Tensor, queries: torch.Tensor | None) -
         return s
     Hq, W, _ = queries.shape
     G = Hq // H
-    k = keys.float().repeat_interleave(G, dim=0)  # [Hq, L, D]
-    w = queries.float() @ k.transpose(1, 2) / math.sqrt(D)  # [Hq, W, L]
-    # the window's queries sit at positions L-W .. L-1: query i sees keys up to L-W+i
-    w = w.masked_fill(torch.ones(W, L, dtype=torch.bool).triu(L - W + 1), float("-inf"))
+    # each KV head's G query heads as one [G*W, D] matrix against its keys (no repeated copy of the keys);
+    # in the model's dtype, as kvpress computes it (the softmax in fp32). The 1/sqrt(D) goes on the
+    # queries, not on the [W, L] product: for head_dim 64 (or any power of 4) dividing by sqrt(D) is
+    # exact either way, so the scores are kvpress's to the bit
+    q = (queries / math.sqrt(D)).reshape(H, G * W, D)
+    w = (q @ keys.to(queries.dtype).transpose(1, 2)).view(Hq, W, L)
+    # the window's queries sit at positions L-W .. L-1: query i sees keys up to L-W+i (the only keys
+    # any of them must not see are the window's own later ones)
+    w[..., L - W :].masked_fill_(_future(W, w.device), float("-inf"))
     w = w.softmax(dim=-1, dtype=torch.float32).to(queries.dtype).float()
     if c.method == "h2o":  # accumulated (summed) attention of the window's queries, per KV head
         return w.sum(dim=1).view(H, G, L).mean(1)
@@ -129,6 +135,12 @@ def scores(c: KVCompression, keys: torch.Tensor, queries: torch.Tensor | None) -
     s = F.avg_pool1d(s, kernel_size=c.kernel_size, padding=c.kernel_size // 2, stride=1)
     s = s.view(H, G, L - W).mean(1)
     return F.pad(s, (0, W), value=s.max().item() + 1)  # the window is always kept
+
+
+@functools.lru_cache(maxsize=8)
+def _future(W: int, device: torch.device) -> torch.Tensor:
+    """[W, W] True where the window's query i must not see the window's key j: j > i."""
+    return torch.ones(W, W, dtype=torch.bool, device=device).triu(1)
 
 
 def select(s: torch.Tensor, n: int, recent: int = 0) -> torch.Tensor:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from kvserve.attn import AttentionBackend, ForwardBatch
 from kvserve.config import ModelConfig
@@ -49,8 +50,12 @@ class Decoder:
         device: torch.device | str = "cpu",
         quantization: str | None = None,
         max_positions: int | None = None,
+        tensor_parallel: bool = False,
     ):
+        # cfg is this rank's slice under tensor parallelism (models.shard): its heads and MLP width; the
+        # partial outputs of o_proj and of the MLP are then summed over the ranks (an all-reduce each)
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.tensor_parallel = tensor_parallel
         dev = lambda t: t.to(self.device)  # noqa: E731
         lin = lambda w, q=quantization, bias=None: Linear(w.to(self.device), q, bias)  # noqa: E731
         # w8a8 leaves down_proj unquantized: its input (SiLU(gate) * up) has the widest outliers, and
@@ -146,7 +151,7 @@ class Decoder:
             q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
             v = qkv[:, qk_size:].view(T, cfg.num_kv_heads, cfg.head_dim)
             o = attn.forward(q, k, v, i, batch.attn)
-            attn_out = layer.o_proj(o.reshape(T, cfg.q_size))
+            attn_out = self._reduce(layer.o_proj(o.reshape(T, cfg.q_size)))
             if layer.attn_out_norm is not None:
                 attn_out = rms_norm(attn_out, layer.attn_out_norm, eps)
             x = add_rms_norm(h, attn_out, layer.post_attn_norm, eps)
@@ -154,11 +159,18 @@ class Decoder:
                 mlp_out = layer.moe(x)
             else:
                 mlp_out = layer.down_proj(self.act_and_mul(layer.gate_up_proj(x)))
+            mlp_out = self._reduce(mlp_out)
             if layer.mlp_out_norm is not None:
                 mlp_out = rms_norm(mlp_out, layer.mlp_out_norm, eps)
         h = h + mlp_out
         # Only rows that sample need the final norm and the (large) LM head.
         return rms_norm(h[batch.logits_idx], self.norm, cfg.rms_norm_eps)
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Tensor parallelism: sum a row-parallel layer's partial outputs over the ranks (in place)."""
+        if self.tensor_parallel:
+            dist.all_reduce(x)
+        return x
 
     @torch.inference_mode()
     def shift_keys(self, kv, block_ids: list[int], delta: int, layers: Sequence[int] | None = None) -> None:

@@ -39,6 +39,10 @@ _GAUGES = [
     ("kvserve_kv_cache_bytes_in_use", "Bytes of the KV blocks held by requests.", "kv_bytes_in_use"),
     ("kvserve_kv_cache_bytes_per_token", "KV bytes one token costs over all layers (scales included).",
      "kv_bytes_per_token"),
+    ("kvserve_tensor_parallel_size", "Ranks the model and its KV cache are split over (the KV figures above are "
+     "per rank).", "tensor_parallel_size"),
+    ("kvserve_kv_cache_bytes_allocated_all_ranks", "Bytes of the KV pools of all tensor-parallel ranks.",
+     "kv_bytes_allocated_all_ranks"),
     ("kvserve_num_requests_running", "Requests in the running batch.", "requests_running"),
     ("kvserve_num_requests_waiting", "Requests waiting to be scheduled.", "requests_waiting"),
     ("kvserve_num_requests_swapped", "Requests preempted to the CPU swap pool.", "requests_swapped"),

@@ -98,18 +98,23 @@ def test_decode_kernel_equals_dequantize_then_sdpa_in_the_engine(kind, monkeypat
     dequantized then SDPA (CUDA's path). They differ by float rounding only, but a new token's K/V is
     quantized again (in the same step, for its own attention), and a rounding flip there grows. So: the
     first decode step's logprobs equal to 1e-3 (observed: <= 1e-5), each stream's first 8 tokens equal,
-    and their logprobs within 0.05 (observed: up to 0.025; 0.11 by step 30)."""
+    and their logprobs within 0.05 (observed: up to 0.025; 0.11 by step 30). A stream may part earlier
+    only at a near-tie, where rounding alone picks the token: on Sapphire Rapids one fp8 stream's two
+    best tokens at step 4 are 0.001 apart in both runs."""
     from kvserve.attn import SDPABackend
 
     llm = make_llm(kv_cache_dtype=kind, num_kv_blocks=128, enable_prefix_caching=False)  # same prefill both runs
-    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=0)
+    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
     fast = [o.outputs[0] for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
     assert llm.engine.runner.attn.name == "cpu-paged"
     monkeypatch.setattr(llm.engine.runner, "attn", SDPABackend(llm.engine.kv_cache))
     slow = [o.outputs[0] for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
     for a, b in zip(fast, slow):
         same = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
-        assert same >= 8, (kind, same)
+        if same < 8:  # only at a near-tie: each run had the other's token within 0.01 of its own
+            x, y = a.token_ids[same], b.token_ids[same]
+            gaps = [abs(lp[x] - lp[y]) if x in lp and y in lp else float("inf") for lp in (a.logprobs[same], b.logprobs[same])]
+            assert max(gaps) < 0.01, (kind, same, gaps)
         diffs = [abs(la[t] - lb[t]) for t, la, lb in zip(a.token_ids[:same], a.logprobs, b.logprobs)]
         # diffs[0]: the prefill's token, no decode yet. int4's code step is 1/7 of a row's absmax, so one
         # flip moves more (its first step observed at up to 7e-3)

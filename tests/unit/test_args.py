@@ -31,7 +31,7 @@ EVERY_FLAG = EngineArgs(
     enable_prefix_caching=False, preemption_mode="swap", swap_space="1GiB", kv_cache_policy="sink_window",
     num_sink_tokens=8, sink_window=256, kv_offload_memory="8GiB", kv_cache_dir="/tmp/kv", kv_cache_dir_size="1GiB", kv_compression="snapkv:0.25",
     max_model_len=1024, max_num_seqs=4,
-    max_num_batched_tokens=2048, enable_chunked_prefill=False, seed=7,
+    max_num_batched_tokens=2048, enable_chunked_prefill=False, seed=7, tensor_parallel_size=3,
 )
 
 
