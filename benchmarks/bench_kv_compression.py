@@ -171,16 +171,23 @@ def quality(tok, src, prompts) -> tuple[dict, dict]:
     return table, {"kvpress_version": ref["kvpress_version"], "transformers_version_kvpress": ref["transformers_version"]}
 
 
-def speed(tok, requests: int, pool: str, news: list[int]) -> dict:
-    """32 x 2k-token prompts through one pool, uncompressed and with each method at 0.5, per output length."""
+def speed(tok, requests: int, pool: str, news: list[int], repeats: int = 1) -> dict:
+    """32 x 2k-token prompts through one pool, uncompressed and with each method at 0.5, per output length;
+    ``repeats`` rounds (every setting once per round), the median throughput of each."""
     text = tok.encode(corpus_text()[:400000], add_special_tokens=False)
     long = [text[i * 2048 : (i + 1) * 2048] for i in range(requests)]
     out = {}
     for new in news:
-        tput = {"none": throughput(None, long, pool, new)}
-        for m in METHODS:
-            tput[f"{m}:0.5"] = throughput(f"{m}:0.5", long, pool, new)
-            print(f"{new} new tokens, {m}:0.5: {tput[f'{m}:0.5']['seconds']:.0f} s", flush=True)
+        runs: dict[str, list[dict]] = {}
+        for _ in range(repeats):
+            for press in (None, *(f"{m}:0.5" for m in METHODS)):
+                r = throughput(press, long, pool, new)
+                runs.setdefault(press or "none", []).append(r)
+                print(f"{new} new tokens, {press}: {r['seconds']:.0f} s", flush=True)
+        tput = {}
+        for k, rs in runs.items():
+            mid = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]
+            tput[k] = {**mid, "tokens_per_s_runs": [r["tokens_per_s"] for r in rs]}
         base = tput["none"]
         for v in tput.values():
             v["concurrency_vs_none"] = v["peak_running"] / base["peak_running"]
@@ -204,6 +211,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32, help="throughput part: requests of 2k tokens")
     ap.add_argument("--pool", default="512MiB", help="throughput part: the KV pool")
     ap.add_argument("--new-tokens", default="32,256", help="throughput part: tokens generated per request")
+    ap.add_argument("--repeats", type=int, default=1, help="throughput part: rounds; the median of each setting")
     ap.add_argument("--out", default=str(RESULTS_DIR / "kv_compression.json"))
     args = ap.parse_args()
     parts = args.parts.split(",")
@@ -214,7 +222,7 @@ def main() -> None:
     prompts = needle_prompts(tok, [int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")])
     table, versions = quality(tok, src, prompts) if "quality" in parts else (None, {})
     news = [int(x) for x in args.new_tokens.split(",")]
-    tput = speed(tok, args.requests, args.pool, news) if "throughput" in parts else None
+    tput = speed(tok, args.requests, args.pool, news, args.repeats) if "throughput" in parts else None
 
     targets = {}
     if table is not None:

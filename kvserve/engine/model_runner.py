@@ -89,7 +89,7 @@ class ModelRunner:
         kv = self.attn.kv
         read = (torch.as_tensor([table], dtype=torch.long, device=kv.device), length)
         for layer in range(self.model.cfg.num_layers):
-            yield kv.read(layer, read)[0][0].transpose(0, 1)
+            yield kv.read(layer, read, values=False)[0][0].transpose(0, 1)
 
     def drop_queries(self, request_id: str) -> None:
         """A request finished, was aborted or lost its KV (recompute): forget its queries and scores."""

@@ -125,7 +125,9 @@ def scores(c: KVCompression, keys: torch.Tensor, queries: torch.Tensor | None) -
     # the window's queries sit at positions L-W .. L-1: query i sees keys up to L-W+i (the only keys
     # any of them must not see are the window's own later ones)
     w[..., L - W :].masked_fill_(_future(W, w.device), float("-inf"))
-    w = w.softmax(dim=-1, dtype=torch.float32).to(queries.dtype).float()
+    # fp32 weights from here on (kvpress rounds them to the model dtype: the same in an fp32 model, where
+    # the indices are tested against its own; in bf16 this keeps more precision and skips two copies)
+    w = w.softmax(dim=-1, dtype=torch.float32)
     if c.method == "h2o":  # accumulated (summed) attention of the window's queries, per KV head
         return w.sum(dim=1).view(H, G, L).mean(1)
     if c.method == "tova":  # the last query's attention, averaged over all query heads: one ranking for every head

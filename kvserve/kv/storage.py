@@ -105,8 +105,9 @@ class KVCache:
             _raw(codes).index_copy_(0, slot_mapping, _raw(c))
             scales.index_copy_(0, slot_mapping, sc)
 
-    def read(self, layer: int, where: slice | tuple[torch.Tensor, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of the cached tokens of some requests.
+    def read(self, layer: int, where: slice | tuple[torch.Tensor, int],
+             values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """K/V of the cached tokens of some requests (V None when not ``values``: KV compression scores keys only).
 
         ``where`` is a slice of slots (one request whose blocks sit side by side: a view, no copy), or
         ``(block_table [B, n], width)``: a gather of whole blocks -> ``[B, width, kv_heads, head_dim]``,
@@ -114,13 +115,13 @@ class KVCache:
         request's length hold finite stale values; the caller masks them."""
         j = self.layer_index[layer]
         if self.quant is None:
-            return self._select(self.k[j], where), self._select(self.v[j], where)
+            return self._select(self.k[j], where), self._select(self.v[j], where) if values else None
         # quantized: gather the codes and scales, dequantize the copy (prefill chunks, SDPA, CUDA)
-        out = [dequantize(self._select(c, where), self._select(sc, where), self.spec.dtype)
-               for c, sc in ((self.k[j], self.k_scale[j]), (self.v[j], self.v_scale[j]))]
+        pairs = ((self.k[j], self.k_scale[j]), (self.v[j], self.v_scale[j]))[: 2 if values else 1]
+        out = [dequantize(self._select(c, where), self._select(sc, where), self.spec.dtype) for c, sc in pairs]
         if self.rotation is not None:  # stored rotated: turn back (the rotation is its own inverse)
             out = [x @ self.rotation for x in out]
-        return out[0], out[1]
+        return out[0], out[1] if values else None
 
     def _select(self, cache: torch.Tensor, where: slice | tuple[torch.Tensor, int]) -> torch.Tensor:
         """``cache`` ``[slots, ...]`` at ``where`` (see ``read``)."""
