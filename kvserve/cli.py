@@ -308,6 +308,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ]
     if mode == "off":
         lines[-1] += " - reserved but never written: --kv-cache off recomputes every step"
+    n = engine.config.tensor_parallel_size
+    if n > 1:  # the figures above are rank 0's: each rank holds its own heads' share
+        lines.append(f"tensor parallel: {n} ranks, each with the KV above for its {engine.kv_spec.num_kv_heads} of "
+                     f"{engine.model_config.num_kv_heads} KV heads ({format_bytes(n * kv.nbytes)} allocated in all)")
     if r.compression is not None:
         before, after, returned = r.compression
         c = params.kv_compression or engine.config.cache.kv_compression

@@ -58,3 +58,14 @@ def test_cache_tree_shows_the_shared_prefix(capsys):
     # part of the next block the two prompts share
     assert cached >= 32
     assert "prefix cache:" in out
+
+
+def test_generate_tensor_parallel_gives_the_single_process_text():
+    """--tensor-parallel-size 3 through the console script: the same greedy text as one process, the per-rank
+    KV line, and no worker left behind (workers hold the output pipes: run() returns only once they are gone)."""
+    common = ("generate", "The capital of France is", "--max-tokens", "8", "--max-model-len", "256")
+    one = run_cli(*common)
+    three = run_cli(*common, "--tensor-parallel-size", "3")
+    assert one.returncode == 0 and three.returncode == 0, three.stderr
+    assert three.stdout == one.stdout
+    assert "tensor parallel: 3 ranks, each with the KV above for its 1 of 3 KV heads" in three.stderr
