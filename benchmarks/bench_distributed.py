@@ -56,11 +56,11 @@ def _allreduce_worker(rank: int, world: int, address: str, shapes: list, dtype, 
 
 def allreduce_alone(world: int, shapes: list, dtype, iters: int = 200) -> dict:
     """Median seconds of one all-reduce per shape, N processes doing nothing else."""
-    from kvserve.engine.tp import _free_port
+    from kvserve.engine.tp import free_port
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     procs = [ctx.Process(target=_allreduce_worker, args=(r, world, address, shapes, dtype, iters, q)) for r in range(world)]
     for p in procs:
         p.start()

@@ -145,10 +145,12 @@ class LLMEngine:
         sched.__post_init__()
         self.scheduler_config = sched
         # per rank: under tensor parallelism each rank's pool holds its own heads' K/V (the same blocks)
-        self.kv_spec = KVSpec.from_model(self.model.cfg, self.dtype, resolve_kv_dtype(cache.kv_cache_dtype, self.dtype))
+        kv_quant = resolve_kv_dtype(cache.kv_cache_dtype, self.dtype)
+        self.kv_spec = KVSpec.from_model(self.model.cfg, self.dtype, kv_quant)
         num_blocks, block_size = plan_kv_pool(self.kv_spec, cache, sched)
         self.kv_cache = KVCache(self.kv_spec, num_blocks, block_size, self.device)
-        self.tp = TensorParallel(config, world, self.device, num_blocks, block_size, max_len) if world > 1 else None
+        self.tp = (TensorParallel(config, world, self.device, self.dtype, kv_quant, num_blocks, block_size, max_len)
+                   if world > 1 else None)
         self.sink_policy = cache.kv_cache_policy == "sink_window"
         sink = None
         if self.sink_policy:

@@ -54,6 +54,8 @@ class WorkerSpec:
     rank: int
     world: int
     address: str  # tcp://127.0.0.1:port of rank 0's rendezvous
+    dtype: torch.dtype  # of the weights and activations, as rank 0 resolved "auto"
+    kv_quant: str | None  # the KV cache's quantized format, or None (the model dtype)
     num_blocks: int
     block_size: int
     max_model_len: int
@@ -68,7 +70,8 @@ def cpu_shares(world: int) -> list[list[int]]:
     return [cores[r * per : (r + 1) * per] or [cores[r % len(cores)]] for r in range(world)]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (rank 0's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -126,15 +129,16 @@ class ParallelRunner(ModelRunner):
 class TensorParallel:
     """The worker processes and the process group, seen from rank 0."""
 
-    def __init__(self, config, world: int, device: torch.device, num_blocks: int, block_size: int, max_model_len: int):
+    def __init__(self, config, world: int, device: torch.device, dtype: torch.dtype, kv_quant: str | None,
+                 num_blocks: int, block_size: int, max_model_len: int):
         self.world, self.device = world, device
         self.ops: list = []  # cache operations since the last step (MirroredKV)
         shares = cpu_shares(world)
-        address = f"tcp://127.0.0.1:{_free_port()}"
+        address = f"tcp://127.0.0.1:{free_port()}"
         ctx = mp.get_context("spawn")
         self.workers = []
         for r in range(1, world):
-            spec = WorkerSpec(config, r, world, address, num_blocks, block_size, max_model_len, shares[r])
+            spec = WorkerSpec(config, r, world, address, dtype, kv_quant, num_blocks, block_size, max_model_len, shares[r])
             p = ctx.Process(target=worker_main, args=(spec,), name=f"kvserve-tp{r}", daemon=True)
             p.start()
             self.workers.append(p)
@@ -200,7 +204,7 @@ def _die_with_parent() -> None:
 def worker_main(spec: WorkerSpec) -> None:
     """Rank ``spec.rank``: build the slice, then replay cache operations and run steps until told to stop."""
     from kvserve.attn import select_backend
-    from kvserve.engine.llm_engine import resolve_device, resolve_dtype, resolve_kv_dtype
+    from kvserve.engine.llm_engine import resolve_device
     from kvserve.kv.spec import KVSpec
     from kvserve.kv.storage import KVCache
     from kvserve.models.loader import resolve_model
@@ -216,10 +220,9 @@ def worker_main(spec: WorkerSpec) -> None:
         torch.cuda.set_device(device)
     dist.init_process_group(_backend(device), init_method=spec.address, rank=spec.rank, world_size=spec.world,
                             timeout=TIMEOUT)
-    dtype = resolve_dtype(config.dtype, device)
-    _, model = load_model(resolve_model(config.model), dtype, device, config.quantization, spec.max_model_len,
+    _, model = load_model(resolve_model(config.model), spec.dtype, device, config.quantization, spec.max_model_len,
                           spec.rank, spec.world)
-    kv_spec = KVSpec.from_model(model.cfg, dtype, resolve_kv_dtype(config.cache.kv_cache_dtype, dtype))
+    kv_spec = KVSpec.from_model(model.cfg, spec.dtype, spec.kv_quant)
     kv = KVCache(kv_spec, spec.num_blocks, spec.block_size, device)
     runner = ModelRunner(model, select_backend(kv, model.cfg.num_heads))
     while True:

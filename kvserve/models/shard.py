@@ -66,6 +66,7 @@ def shard_config(cfg: ModelConfig, rank: int, n: int) -> ModelConfig:
         return cfg
     return replace(
         cfg, num_heads=cfg.num_heads // n, num_kv_heads=max(1, cfg.num_kv_heads // n),
+        # a MoE model without dense layers may carry an intermediate_size it never uses (check_tp skips it)
         intermediate_size=cfg.intermediate_size // n if not cfg.intermediate_size % n else cfg.intermediate_size,
         moe_intermediate_size=cfg.moe_intermediate_size // n if cfg.moe_intermediate_size else None,
         shared_expert_intermediate_size=cfg.shared_expert_intermediate_size // n)
