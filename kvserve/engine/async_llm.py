@@ -70,15 +70,27 @@ class RequestStream:
         self._ready.set()
 
     async def get(self) -> RequestOutput:
-        while self._latest is None and self._error is None:
-            self._ready.clear()
-            await self._ready.wait()
+        await self.wait()
         if self._latest is not None:  # an output that arrived before an error is still delivered
             out, self._latest = self._latest, None
             self.finished = out.finished
             return out
         self.finished = True
         raise self._error
+
+    async def wait(self) -> None:
+        """Until an output or an error is ready (without taking it)."""
+        while self._latest is None and self._error is None:
+            self._ready.clear()
+            await self._ready.wait()
+
+    @property
+    def has_output(self) -> bool:
+        return self._latest is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
 
 
 def release_openmp_threads() -> None:

@@ -8,6 +8,8 @@ POST /v1/chat/...      key     chat completion through the model's chat template
 GET  /v1/models        key     the served model
 GET  /health           open    200 while the engine thread is alive, else 503
 GET  /metrics          open    Prometheus text
+GET  /replicas         open    with ``--replicas``: each replica's id, pid, node and load
+GET  /dashboard        key     the cache, live (one in-process engine; not with replicas)
 =====================  ======  =====================================================
 
 Every error is ``{"error": {"message", "type", "param", "code"}}``: 400 for bad bodies and parameters
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import secrets
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +32,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import kvserve
 from kvserve.engine.async_llm import AsyncLLM
+
+if TYPE_CHECKING:
+    from kvserve.server.replicas import ReplicaSet
 from kvserve.server.dashboard import dashboard_router
 from kvserve.server.metrics import Metrics
 from kvserve.server.protocol import (
@@ -53,9 +59,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", param
 
 
-def build_app(async_llm: AsyncLLM, served_model_name: str, api_key: str | None = None,
+def build_app(async_llm: AsyncLLM | ReplicaSet, served_model_name: str, api_key: str | None = None,
               shutdown_engine: bool = True) -> FastAPI:
-    """The app serving ``async_llm`` as model ``served_model_name``. With ``api_key``, /v1/* needs
+    """The app serving ``async_llm`` (one engine, or a ``ReplicaSet``) as model ``served_model_name``. With ``api_key``, /v1/* needs
     ``Authorization: Bearer <api_key>``. ``shutdown_engine``: shut the AsyncLLM down when the app stops."""
 
     @asynccontextmanager
@@ -67,7 +73,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: str, api_key: str | None =
 
     app = FastAPI(title="kvserve", version=kvserve.__version__, lifespan=lifespan, default_response_class=JSONResp,
                   description="OpenAI-compatible completions and chat completions on kvserve.")
-    metrics = Metrics(async_llm.stats, served_model_name)
+    replica_stats = getattr(async_llm, "replica_stats", None)  # a ReplicaSet: one series per replica
+    metrics = Metrics(async_llm.stats, served_model_name, replica_stats)
     serving = OpenAIServing(async_llm, served_model_name, metrics)
     app.state.async_llm, app.state.serving, app.state.metrics = async_llm, serving, metrics
 
@@ -110,7 +117,17 @@ def build_app(async_llm: AsyncLLM, served_model_name: str, api_key: str | None =
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(dashboard_router(async_llm, api_key))  # /dashboard: the cache, live
+    if replica_stats is None:
+        app.include_router(dashboard_router(async_llm, api_key))  # /dashboard: the cache, live
+    else:
+        @app.get("/replicas")
+        async def replicas() -> JSONResponse:
+            keys = ("pid", "node", "threads", "requests_running", "requests_waiting", "usage", "prefix_cache_hits",
+                    "prefix_cache_queries", "generation_tokens")
+            return JSONResp({"router": async_llm.router, "configured": async_llm.num_replicas,
+                             "failovers": async_llm.num_failovers,
+                             "data": [{"id": rid} | {k: s.get(k) for k in keys}
+                                      for rid, s in replica_stats().items()]})
 
     # ------------------------------------------------------------------ /v1
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)], responses=_ERRORS)

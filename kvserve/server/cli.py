@@ -32,6 +32,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--trace", metavar="FILE", default=None,
                    help="on shutdown, write every engine step, request phase and block count as a Chrome/Perfetto trace")
+    r = p.add_argument_group("replicas on Ray (kvserve/server/replicas.py)")
+    r.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="run N engine replicas as a Ray Serve deployment behind this front end")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join a running Ray cluster ('auto', or host:port of `ray start --head`); default: start a "
+                        "local Ray instance. Implies --replicas 1 if --replicas is not given")
+    r.add_argument("--router", default="prefix", choices=["prefix", "round-robin"],
+                   help="how requests pick a replica: the one holding the longest cached prefix (Ray Serve's "
+                        "PrefixCacheAffinityRouter), or in turn")
+    r.add_argument("--cpus-per-replica", type=int, default=None, metavar="C",
+                   help="CPUs each replica reserves and its torch threads (default: the cluster's CPUs / N)")
     return EngineArgs.add_cli_args(p)
 
 
@@ -53,7 +64,19 @@ def run_server(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("kvserve.server")
-    llm = AsyncLLM(max_queue=args.max_queue, **asdict(EngineArgs.from_cli_args(args)))
+    engine_kwargs = asdict(EngineArgs.from_cli_args(args))
+    if args.replicas is not None or args.ray_address is not None:
+        if args.trace:
+            raise SystemExit("--trace records one in-process engine; it does not combine with --replicas")
+        try:
+            from kvserve.server.replicas import ReplicaSet
+        except ImportError as e:
+            raise SystemExit(f"--replicas needs Ray Serve ({e}): pip install 'kvserve[ray]'") from None
+
+        llm = ReplicaSet(engine_kwargs, args.replicas or 1, ray_address=args.ray_address, router=args.router,
+                         cpus_per_replica=args.cpus_per_replica, max_queue=args.max_queue)
+    else:
+        llm = AsyncLLM(max_queue=args.max_queue, **engine_kwargs)
     name = args.served_model_name or args.model
     app = build_app(llm, name, api_key=args.api_key)
     if args.trace:

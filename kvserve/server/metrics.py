@@ -80,38 +80,53 @@ _TIER_METRICS = [
 
 
 class _EngineCollector:
-    """Reads one stats() snapshot per scrape. Keys the engine does not report yet read as 0."""
+    """Reads one stats() snapshot per scrape. Keys the engine does not report yet read as 0.
 
-    def __init__(self, stats, model_name: str):
-        self.stats, self.model_name = stats, model_name
+    With ``replica_stats`` (``kvserve serve --replicas N``) every engine metric has one series per live
+    replica, labelled ``replica``; ``sum without (replica) (...)`` gives the whole service. Two more
+    series say how many replicas answer and how many requests were retried after a replica died."""
+
+    def __init__(self, stats, model_name: str, replica_stats=None):
+        self.stats, self.model_name, self.replica_stats = stats, model_name, replica_stats
 
     def collect(self):
-        s = self.stats()
-        for name, doc, key in _GAUGES:
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric([self.model_name], float(s.get(key) or 0))
+        if self.replica_stats is None:
+            sources, labels = [([self.model_name], self.stats())], ["model_name"]
+        else:
+            reps = self.replica_stats()
+            sources = [([self.model_name, rid], s) for rid, s in reps.items()]
+            labels = ["model_name", "replica"]
+            front = self.stats()
+            g = GaugeMetricFamily("kvserve_replicas", "Engine replicas publishing their stats.", labels=["model_name"])
+            g.add_metric([self.model_name], len(reps))
             yield g
-        for name, doc, key in _COUNTERS:
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric([self.model_name], float(s.get(key) or 0))
+            c = CounterMetricFamily("kvserve_replica_failovers", "Requests retried on another replica after "
+                                    "theirs died.", labels=["model_name"])
+            c.add_metric([self.model_name], float(front.get("num_failovers") or 0))
             yield c
+        for names, family in ((_GAUGES, GaugeMetricFamily), (_COUNTERS, CounterMetricFamily)):
+            for name, doc, key in names:
+                m = family(name, doc, labels=labels)
+                for values, s in sources:
+                    m.add_metric(values, float(s.get(key) or 0))
+                yield m
         # KV tiers (only those configured): one series per tier
-        tiers = [t for t in ("host", "disk") if f"kv_tier_{t}_blocks" in s]
-        if tiers:
+        tiered = [(values, s, t) for values, s in sources for t in ("host", "disk") if f"kv_tier_{t}_blocks" in s]
+        if tiered:
             for key, family, doc in _TIER_METRICS:
-                m = family(f"kvserve_kv_tier_{key}", doc, labels=["model_name", "tier"])
-                for t in tiers:
-                    m.add_metric([self.model_name, t], float(s.get(f"kv_tier_{t}_{key}") or 0))
+                m = family(f"kvserve_kv_tier_{key}", doc, labels=labels + ["tier"])
+                for values, s, t in tiered:
+                    m.add_metric(values + [t], float(s.get(f"kv_tier_{t}_{key}") or 0))
                 yield m
 
 
 class Metrics:
     """A registry of its own per app, so two apps in one process do not clash."""
 
-    def __init__(self, stats, model_name: str):
+    def __init__(self, stats, model_name: str, replica_stats=None):
         self.model_name = model_name
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(stats, model_name))
+        self.registry.register(_EngineCollector(stats, model_name, replica_stats))
         kw = dict(labelnames=["model_name"], registry=self.registry)
         self.ttft = Histogram("kvserve_time_to_first_token_seconds", "Time from request arrival to its first token.",
                               buckets=TTFT_BUCKETS, **kw).labels(model_name)

@@ -88,10 +88,10 @@ class ServerProcess:
         return time.monotonic() - t0
 
 
-def start_server(tmp: Path, name: str, *extra: str) -> ServerProcess:
+def start_server(tmp: Path, name: str, *extra: str, env: dict | None = None) -> ServerProcess:
     port = free_port()
     log_path = tmp / f"{name}.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
     # OpenMP threads that spin while waiting make every op 2-10x slower when other processes share the
     # two cores (this test process, neighbours); sleeping waiters cost little when the cores are free.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
