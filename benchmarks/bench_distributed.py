@@ -1,4 +1,6 @@
-"""Tensor parallelism on this machine (issue 20, part 1): SmolLM2-135M at TP=1 and TP=3 (its 9 query / 3
+"""Beyond one process (issue 20), two parts: ``--parts tp,routing`` (default both).
+
+**tp**: tensor parallelism on this machine: SmolLM2-135M at TP=1 and TP=3 (its 9 query / 3
 KV heads allow 1, 3), the same requests, in one run.
 
 Per setting: decode tok/s at batch 1 and 16 (128-token prompts, 64 generated, the median decode step),
@@ -14,8 +16,21 @@ broadcast of the step plan:
 
 A 2-core machine cannot show a speed-up (3 ranks share 2 cores); the figures say what a step costs in
 communication, to plan GPU runs. With a GPU machine: ``--device cuda`` (NCCL), same table.
+Saved to results/distributed.json and .png.
 
-    .venv/bin/python benchmarks/bench_distributed.py        # ~3 min on 2 cores
+**routing**: ``kvserve serve --replicas 2`` (a local Ray instance, one CPU per replica), once with
+``--router round-robin`` and once with ``--router prefix``, the same workload: 8 system prompts of
+1,024 tokens (8 different texts of Python's documentation) x 16 questions each, 128 requests in one
+random order, 4 at a time, streamed, 8 tokens each. Per router: the prefix-hit rate (prompt tokens the
+replicas found in their prefix caches / prompt tokens looked up, from /replicas before and after) and
+the mean and median TTFT seen by the client; each the median of ``--repeats`` runs (default 3) on fresh
+servers. Each replica's KV pool is ``--routing-pools`` (default
+110MiB: ~4.8k tokens in bf16, room for 4 of the 8 system prompts: the case routing is for; with a pool
+that holds all 8 on every replica, both routers hit nearly always after the first misses, and the
+second pool size shows that). Saved to results/distributed_routing.json and .png.
+
+    .venv/bin/python benchmarks/bench_distributed.py                  # both parts, ~13 min on 2 cores
+    .venv/bin/python benchmarks/bench_distributed.py --parts routing
 """
 from __future__ import annotations
 
@@ -121,17 +136,192 @@ def run(world: int, batch: int, prompts: list[list[int]], new: int, dtype: str, 
             "kv_bytes_per_token_all_ranks": stats["kv_bytes_per_token_all_ranks"], "decode_steps": len(steps)}
 
 
+# ---------------------------------------------------------------- routing
+
+
+def routing_workload(tok, systems: int, questions: int, system_len: int, seed: int = 0) -> list[list[int]]:
+    """``systems`` x ``questions`` prompts (token ids): a system prompt of ``system_len`` tokens (each
+    from a different documentation topic, so no two share a first token run) and a short question;
+    shuffled once."""
+    import random
+
+    from pydoc_data.topics import topics
+
+    long = [t for _, t in sorted(topics.items()) if len(t) > 5000]
+    texts = long[:: max(1, len(long) // systems)][:systems]
+    prompts = []
+    for i, text in enumerate(texts):
+        sys_ids = prompt_ids(tok, system_len, text=f"System prompt {i}.\n{text}")
+        for q in range(questions):
+            prompts.append(sys_ids + tok.encode(f"\nQuestion {q}: in one line, what does section {q + 1} say?",
+                                                add_special_tokens=False))
+    random.Random(seed).shuffle(prompts)
+    return prompts
+
+
+def serve_replicas(router: str, pool: str, max_model_len: int, dtype: str):
+    """``kvserve serve --replicas 2`` in a subprocess (its own local Ray instance); (process, url)."""
+    import subprocess
+
+    import httpx
+
+    from kvserve.engine.tp import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "kvserve.server", "--replicas", "2", "--router", router, "--port", str(port),
+           "--kv-cache-memory", pool, "--max-model-len", str(max_model_len), "--dtype", dtype, "--log-level", "warning"]
+    import tempfile
+
+    log = open(Path(tempfile.gettempdir()) / f"kvserve_routing_{router}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}); see {log.name}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server not ready after 300 s")
+
+
+def _replica_totals(url: str) -> dict:
+    import httpx
+
+    data = httpx.get(f"{url}/replicas", timeout=10).json()["data"]
+    return {"hits": sum(r["prefix_cache_hits"] or 0 for r in data),
+            "queries": sum(r["prefix_cache_queries"] or 0 for r in data),
+            "per_replica_tokens": {r["id"]: r["generation_tokens"] or 0 for r in data}}
+
+
+async def _drive(url: str, prompts: list[list[int]], concurrency: int, max_tokens: int) -> list[float]:
+    """Stream every prompt, ``concurrency`` at a time; the TTFT of each, in seconds."""
+    import asyncio
+
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    ttfts: list[float] = []
+
+    async def one(client: httpx.AsyncClient, ids: list[int]) -> None:
+        async with sem:
+            t0 = time.perf_counter()
+            first = None
+            body = {"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if first is None and line.startswith("data: {"):
+                        first = time.perf_counter() - t0
+            ttfts.append(first)
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        await asyncio.gather(*(one(client, p) for p in prompts))
+    return ttfts
+
+
+def _one_routing_run(router: str, pool: str, prompts: list[list[int]], args) -> dict:
+    """A fresh 2-replica server (cold caches), the whole workload, its figures."""
+    import asyncio
+
+    proc, url = serve_replicas(router, pool, args.system_len + 512, args.dtype)
+    try:
+        before = _replica_totals(url)
+        t = time.perf_counter()
+        ttfts = asyncio.run(_drive(url, prompts, args.concurrency, args.routing_tokens))
+        wall = time.perf_counter() - t
+        time.sleep(1.5)  # the replicas publish their stats twice a second
+        after = _replica_totals(url)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    hits, queries = after["hits"] - before["hits"], after["queries"] - before["queries"]
+    run = {"hit_rate": hits / queries, "hit_tokens": hits, "query_tokens": queries,
+           "ttft_mean_s": statistics.mean(ttfts), "ttft_median_s": statistics.median(ttfts),
+           "ttft_p90_s": sorted(ttfts)[int(0.9 * len(ttfts))], "wall_s": wall,
+           "tokens_per_replica": sorted(after["per_replica_tokens"].values())}
+    print(f"  {pool} {router}: hit rate {run['hit_rate']:.1%}, mean TTFT {1e3 * run['ttft_mean_s']:.0f} ms", flush=True)
+    return run
+
+
+def routing_part(args, info: dict) -> None:
+    from kvserve.models.loader import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model("smollm2-135m"))
+    prompts = routing_workload(tok, args.systems, args.questions, args.system_len)
+    rows, results = [], {}
+    for pool in args.routing_pools.split(","):
+        for router in ("round-robin", "prefix"):
+            runs = [_one_routing_run(router, pool, prompts, args) for _ in range(args.repeats)]
+            r = {"pool": pool, "router": router, "runs": runs}
+            for key in ("hit_rate", "ttft_mean_s", "ttft_median_s", "ttft_p90_s", "wall_s"):
+                r[key] = statistics.median(x[key] for x in runs)
+            r["tokens_per_replica"] = runs[-1]["tokens_per_replica"]
+            results[f"{pool}_{router}"] = r
+            rows.append([pool, router, f"{r['hit_rate']:.1%}", f"{1e3 * r['ttft_mean_s']:.0f}",
+                         f"{1e3 * r['ttft_median_s']:.0f}", f"{1e3 * r['ttft_p90_s']:.0f}", f"{r['wall_s']:.1f}",
+                         "/".join(map(str, r["tokens_per_replica"]))])
+            print(rows[-1], flush=True)
+        rr, pf = results[f"{pool}_round-robin"], results[f"{pool}_prefix"]
+        results[f"{pool}_ratios"] = {"hit_rate": pf["hit_rate"] / rr["hit_rate"],
+                                     "ttft_mean": rr["ttft_mean_s"] / pf["ttft_mean_s"]}
+        print(f"pool {pool}: prefix-aware hit rate {results[f'{pool}_ratios']['hit_rate']:.2f}x round-robin's, "
+              f"mean TTFT {results[f'{pool}_ratios']['ttft_mean']:.2f}x lower", flush=True)
+    print(format_table(["KV pool per replica", "router", "prefix-hit rate", "TTFT mean ms", "TTFT median ms",
+                        "TTFT p90 ms", "wall s", "generated tokens per replica"], rows))
+    out = RESULTS_DIR / "distributed_routing.json"
+    save_json(out, {"date": now_iso(), "command": command_line(), "settings": settings_of(args), "cpu": info,
+                    "requests": len(prompts), "results": results})
+    plt = pyplot()
+    if plt is not None:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8), dpi=110)
+        pools = args.routing_pools.split(",")
+        x = range(len(pools))
+        for k, router in enumerate(("round-robin", "prefix")):
+            a1.bar([i + 0.4 * k for i in x], [results[f"{p}_{router}"]["hit_rate"] for p in pools], 0.4, label=router)
+            a2.bar([i + 0.4 * k for i in x], [1e3 * results[f"{p}_{router}"]["ttft_mean_s"] for p in pools], 0.4,
+                   label=router)
+        for a, yl in ((a1, "prefix-hit rate"), (a2, "mean TTFT (ms)")):
+            a.set_xticks([i + 0.2 for i in x], [f"pool {p}" for p in pools])
+            a.set_ylabel(yl)
+            a.grid(alpha=0.3, axis="y")
+            a.legend(fontsize=8)
+        fig.suptitle(f"2 replicas, {len(prompts)} requests: {args.systems} system prompts x {args.questions} questions")
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="tp,routing")
     ap.add_argument("--sizes", default="1,3")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=str(RESULTS_DIR / "distributed.json"))
+    ap.add_argument("--routing-pools", default="110MiB,256MiB", help="KV pool per replica, one run of each")
+    ap.add_argument("--systems", type=int, default=8)
+    ap.add_argument("--questions", type=int, default=16)
+    ap.add_argument("--system-len", type=int, default=1024)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--routing-tokens", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="routing: fresh servers per router and pool, medians")
     args = ap.parse_args()
     info = cpu_info()
     print(format_cpu_info(info), flush=True)
+    parts = args.parts.split(",")
+    if "tp" in parts:
+        tp_part(args, info)
+    if "routing" in parts:
+        routing_part(args, info)
+
+
+def tp_part(args, info: dict) -> None:
     from kvserve.engine.llm_engine import resolve_device, resolve_dtype
     from kvserve.models.loader import load_tokenizer, resolve_model
 
