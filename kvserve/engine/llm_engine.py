@@ -82,7 +82,7 @@ class EngineConfig:
     model: str = DEFAULT_MODEL
     dtype: str | torch.dtype = "auto"
     device: str | None = None
-    quantization: str | None = None  # None | "int8" (weight-only) | "w8a8" (int8 weights and activations, CPU)
+    quantization: str | None = None  # None | "int8" (weight-only) | "w8a8" (int8 weights and activations, CPU) | "int4" (CPU)
     seed: int | None = None
     max_model_len: int | None = None  # default: the model's context length
     cache: CacheConfig = field(default_factory=CacheConfig)

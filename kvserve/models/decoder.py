@@ -109,7 +109,9 @@ class Decoder:
             )
         self.embed = dev(weights["embed"])
         self.norm = dev(weights["norm"])
-        self.lm_head = lin(weights["lm_head"] if "lm_head" in weights else weights["embed"])
+        # int4 layers, int8 LM head: a GGUF keeps its output/embedding matrix at 8 bits (Q8_0) too
+        self.lm_head = lin(weights["lm_head"] if "lm_head" in weights else weights["embed"],
+                           "int8" if quantization == "int4" else quantization)
         n_pos = max_positions or cfg.max_position_embeddings
         rotary = Rotary(cfg.head_dim, cfg.rope_theta, n_pos, dtype, self.device)
         local = rotary

@@ -51,7 +51,30 @@ def _onednn_ok(weight: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-QUANTIZATIONS = (None, "int8", "w8a8")
+QUANTIZATIONS = (None, "int8", "w8a8", "int4")
+INT4_GROUP = 32  # weights per (scale, zero) pair: GGUF Q4_1's block, so a Q4_1 file's codes come back exactly
+
+
+def int4_pack(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight`` [N, K] as 4-bit codes in torch's CPU int4 layout, [K/group, N, 2] (scale, zero), and
+    the weight those codes stand for (fp32, [N, K]).
+
+    Asymmetric, per group of ``group`` input columns: ``w = (q - 8) * scale + zero`` with q in 0..15,
+    ``scale = (max - min) / 15`` and ``zero`` the group's midpoint (torch's convention). A weight read
+    from a Q4_1 GGUF block (``d * q + m``, 32 weights) has min ``m`` and max ``m + 15 d`` whenever its
+    codes span 0..15, which Q4_1's own min/max quantizer makes them do: the same codes come back, and
+    only the scale and zero are rounded, to the model dtype."""
+    n, k = weight.shape
+    if k % group:
+        raise ValueError(f"int4 needs the input width ({k}) to be a multiple of {group}")
+    w = weight.float().reshape(n, k // group, group)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    zero = lo + 8 * scale
+    dequantized = ((q.reshape(n, k // group, group) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+    return packed, torch.stack([scale, zero], -1).transpose(0, 1).contiguous(), dequantized
 
 
 class Linear:
@@ -65,6 +88,14 @@ class Linear:
     Int8 weight-only matmul streams a quarter of the fp32 bytes per token: at batch 1 decode is
     bound by reading weights, so this is where the time goes. torch's CPU int8 kernel is fast only
     with bf16 activations, so x is cast to bf16 for the product and the result cast back.
+
+    ``int4`` (CPU): 4-bit codes with a scale and a zero per 32 weights (``int4_pack``), multiplied by
+    torch's ``_weight_int4pack_mm_for_cpu``; 5 bits per weight, as GGUF's Q4_1, from which the same
+    codes are recovered. Used for the layers; the LM head, which a GGUF keeps at 8 bits (Q8_0), is int8.
+    torch's int4 kernel costs time in proportion to the rows (it is a GEMV per row): past
+    ``INT4_MAX_ROWS`` rows (prefill, batches) the same dequantized weight, in the model dtype and
+    prepacked like a plain one, does the product. So int4 is a decode-speed setting: it keeps that
+    copy too (2.6 bytes per weight in memory with bf16), and reads 0.625 per weight per decode step.
 
     ``w8a8`` (CPU) also quantizes the activations, one scale per token, at every call, and multiplies
     int8 by int8 in fbgemm: twice fp32's arithmetic rate and a quarter of its weight bytes, so batched
@@ -81,6 +112,7 @@ class Linear:
     # Above this many rows (prefill, big batches) the int8 product is compute-bound: dequantizing the
     # weight on the fly and running a plain x.dtype matmul beats the int8 kernel (slow with bf16 on AVX2).
     INT8_MAX_ROWS = 16
+    INT4_MAX_ROWS = 4  # measured on Sapphire Rapids: at 4 rows int4 ~ bf16 with the weight in cache, 16: 4x slower
 
     def __init__(self, weight: torch.Tensor, quantization: str | None = None, bias: torch.Tensor | None = None):
         self.out_features = weight.shape[0]
@@ -107,6 +139,12 @@ class Linear:
                 warnings.simplefilter("ignore")
                 qw = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
             self.weight = torch.ops.quantized.linear_prepack(qw, None)
+        elif quantization == "int4":
+            if weight.device.type != "cpu":
+                raise ValueError("quantization='int4' runs on the CPU; use 'int8' on CUDA")
+            self.weight, scale_zeros, dense = int4_pack(weight)
+            self.scale_zeros = scale_zeros.to(weight.dtype)
+            self.dense = Linear(dense.to(weight.dtype))  # the rows past INT4_MAX_ROWS
         elif quantization == "int8":
             w = weight.float()
             scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
@@ -127,6 +165,12 @@ class Linear:
         if self.quantization == "w8a8":
             row_max = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
             y = torch.ops.quantized.linear_dynamic(x2.float() / row_max, self.weight, False).mul_(row_max).to(x.dtype)
+        elif self.quantization == "int4":
+            if x2.shape[0] > self.INT4_MAX_ROWS:
+                y = self.dense(x2)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(self.scale_zeros.dtype), self.weight,
+                                                               INT4_GROUP, self.scale_zeros).to(x.dtype)
         elif x2.shape[0] > self.INT8_MAX_ROWS:
             y = F.linear(x2, self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None])
         else:

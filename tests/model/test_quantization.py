@@ -12,10 +12,11 @@ from tests.conftest import PROMPTS, make_llm
 NEW = 16
 
 
-@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
+@pytest.mark.parametrize("quantization", ["int8", "w8a8", "int4"])
 def test_quantized_model_follows_fp32(llm_paged, quantization):
-    # measured here (5 prompts x 16 = 80 positions): int8 weight-only 76, w8a8 74; on 15 prompts x 24
-    # (360): 347 and 338. Rounding flips only near-ties.
+    # measured here (5 prompts x 16 = 80 positions): int8 weight-only 76, w8a8 70-74, int4 76 (its layers
+    # are the GGUF's own Q4_1 values again; the 4 misses come from the int8 LM head); on 15 prompts x 24
+    # (360): int8 347, w8a8 338. Rounding flips only near-ties. The bar: 90 % for 4-bit (issue 16).
     fp32 = llm_paged.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
     seqs = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in fp32]
     starts = [len(o.prompt_token_ids) for o in fp32]
@@ -25,5 +26,6 @@ def test_quantized_model_follows_fp32(llm_paged, quantization):
     quant = make_llm(kv_cache="paged", quantization=quantization, enable_prefix_caching=False)
     outs = quant.generate(prefixes, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
     agree = sum(o.outputs[0].token_ids[0] == t for o, t in zip(outs, targets))
-    assert agree >= 0.85 * len(targets), f"{quantization} picked fp32's token at {agree} of {len(targets)} positions"
+    print(f"{quantization}: {agree} of {len(targets)} teacher-forced positions agree with fp32")
+    assert agree >= (0.9 if quantization == "int4" else 0.85) * len(targets), f"{quantization} picked fp32's token at {agree} of {len(targets)} positions"
     assert quant.cache_stats()["blocks_used"] == 0

@@ -36,4 +36,42 @@ def test_int8_weight_only_follows_fp32():
 
 def test_unknown_quantization_is_refused():
     with pytest.raises(ValueError, match="quantization must be one of"):
-        Linear(torch.randn(4, 4), "int4")
+        Linear(torch.randn(4, 4), "int3")
+
+
+def _q4_1_weight(n: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """A weight as a Q4_1 GGUF stores it: per 32 weights d * q + m, q in 0..15 (spanning the range)."""
+    d = torch.rand(n, k // 32, 1, generator=g) * 0.01 + 1e-3
+    m = -8 * d + torch.randn(n, k // 32, 1, generator=g) * 1e-3
+    q = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15  # Q4_1's min/max quantizer puts the group's extremes at 0 and 15
+    return (d * q + m).reshape(n, k)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 40])
+def test_int4_gives_a_q4_1_weight_back(rows):
+    """int4's codes, scales and zeros stand for exactly the Q4_1 values they came from, and both its
+    paths (torch's int4 kernel up to INT4_MAX_ROWS rows, the dequantized matrix past them) compute
+    x @ W.T within fp32 rounding."""
+    from kvserve.models.layers import int4_pack
+
+    g = torch.Generator().manual_seed(rows)
+    w = _q4_1_weight(64, 96, g)
+    _, _, dequantized = int4_pack(w)
+    assert torch.allclose(dequantized, w, atol=1e-6)
+    x = torch.randn(rows, 96, generator=g)
+    y = Linear(w, "int4")(x)
+    assert y.shape == (rows, 64) and y.dtype == torch.float32
+    assert rel_err(y, x @ w.T) < 1e-5
+
+
+def test_int4_on_any_weight_and_its_refusals():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 64, generator=g)
+    x = torch.randn(2, 64, generator=g)
+    # 16 levels per 32 weights of a Gaussian row: ~8 % error per product, as any 4-bit format
+    assert rel_err(Linear(w, "int4")(x), x @ w.T) < 0.12
+    bf = Linear(w.bfloat16(), "int4")(x.bfloat16())  # bf16 scales and zeros
+    assert bf.dtype == torch.bfloat16 and rel_err(bf.float(), x @ w.T) < 0.12
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Linear(torch.randn(8, 40), "int4")
