@@ -64,7 +64,7 @@ def percentile(values: list[float], q: float) -> float | None:
 def run_mode(a, dtype, tok, chunk: int | None) -> dict:
     """chunk = max_num_batched_tokens with chunked prefill on; None = chunked prefill off."""
     kw = dict(enable_chunked_prefill=True, max_num_batched_tokens=chunk) if chunk else dict(enable_chunked_prefill=False)
-    llm = LLM(a.model, dtype=dtype, max_model_len=a.max_model_len, max_num_seqs=a.streams + len(a.arrivals), **kw)
+    llm = LLM(a.model, quantization=None, dtype=dtype, max_model_len=a.max_model_len, max_num_seqs=a.streams + len(a.arrivals), **kw)
     e = llm.engine
     budget = e.scheduler_config.max_num_batched_tokens
     # warm-up outside the timed run: short prompts and one long-ish prompt, so kernels for both shapes are picked

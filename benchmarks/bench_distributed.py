@@ -89,7 +89,7 @@ def run(world: int, batch: int, prompts: list[list[int]], new: int, dtype: str, 
     import kvserve.models.decoder as decoder
     from kvserve import LLM, SamplingParams
 
-    llm = LLM("smollm2-135m", dtype=dtype, device=device, tensor_parallel_size=world, max_num_seqs=batch,
+    llm = LLM("smollm2-135m", quantization=None, dtype=dtype, device=device, tensor_parallel_size=world, max_num_seqs=batch,
               max_num_batched_tokens=max(512, 128 * batch), kv_cache_memory="256MiB", enable_prefix_caching=False)
     e = llm.engine
     spent = {"all_reduce": 0.0, "broadcast": 0.0}

@@ -75,6 +75,7 @@ class KVServeSystem:
     def __init__(self, key: str, model: str, dtype: torch.dtype, max_model_len: int, **kw):
         t0 = time.perf_counter()
         self.key = key
+        kw.setdefault("quantization", None)  # the float weights, as HF's (the int8 row asks for its own)
         self.llm = LLM(model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=1,
                        max_num_batched_tokens=max_model_len, **kw)
         self.engine = self.llm.engine

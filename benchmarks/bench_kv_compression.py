@@ -98,7 +98,7 @@ def run_kvserve(llm: LLM, prompts, press: str | None) -> list[dict]:
 
 
 def throughput(press: str | None, ids: list[list[int]], pool: str, new: int) -> dict:
-    llm = LLM("smollm2-135m", max_model_len=4096, kv_cache_memory=pool, max_num_seqs=32,
+    llm = LLM("smollm2-135m", quantization=None, max_model_len=4096, kv_cache_memory=pool, max_num_seqs=32,
               max_num_batched_tokens=2048, enable_prefix_caching=False)
     e = llm.engine
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, kv_compression=press)
@@ -131,7 +131,7 @@ def quality(tok, src, prompts) -> tuple[dict, dict]:
         print(f"kvpress {ref['kvpress_version']} (transformers {ref['transformers_version']}): "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
 
-    llm = LLM("smollm2-135m", dtype="float32", max_model_len=8192, kv_cache_memory="1GiB", enable_prefix_caching=False,
+    llm = LLM("smollm2-135m", quantization=None, dtype="float32", max_model_len=8192, kv_cache_memory="1GiB", enable_prefix_caching=False,
               max_num_batched_tokens=512)
     ours = {"full": run_kvserve(llm, prompts, None)}
     for p in presses:

@@ -78,7 +78,7 @@ def decode_speed(llm: LLM, ids: list[int], ctx: int, batch: int, steps: int, seg
 
 def run_kvserve(kind: str, ids: list[int], args) -> dict:
     row: dict = {"system": "kvserve", "kv_cache_dtype": kind}
-    llm = LLM(args.model, kv_cache_dtype=kind, kv_cache_memory="256MiB", max_model_len=2048)
+    llm = LLM(args.model, quantization=None, kv_cache_dtype=kind, kv_cache_memory="256MiB", max_model_len=2048)
     spec, kv = llm.engine.kv_spec, llm.engine.kv_cache
     row.update(storage=spec.storage_name, model_dtype=str(llm.engine.dtype).removeprefix("torch."),
                bytes_per_token=spec.bytes_per_token, blocks_in_256MiB=kv.num_blocks - 1,
@@ -86,7 +86,7 @@ def run_kvserve(kind: str, ids: list[int], args) -> dict:
     del llm
     gc.collect()
 
-    llm = LLM(args.model, kv_cache_dtype=kind, max_num_batched_tokens=64, max_num_seqs=4,
+    llm = LLM(args.model, quantization=None, kv_cache_dtype=kind, max_num_batched_tokens=64, max_num_seqs=4,
               max_model_len=args.window + 1, enable_prefix_caching=False, kv_cache_memory="1GiB")
     t0 = time.perf_counter()
     r = perplexity(llm, ids, window=args.window, max_tokens=args.ppl_tokens)
@@ -95,7 +95,7 @@ def run_kvserve(kind: str, ids: list[int], args) -> dict:
     del llm
     gc.collect()
 
-    llm = LLM(args.model, kv_cache_dtype=kind, max_num_batched_tokens=2048, max_num_seqs=16,
+    llm = LLM(args.model, quantization=None, kv_cache_dtype=kind, max_num_batched_tokens=2048, max_num_seqs=16,
               max_model_len=4096 + 600, enable_prefix_caching=False,
               kv_cache_memory="2GiB")
     # Touch every block once before timing, as a running server's pool is: a never-used block costs

@@ -87,7 +87,7 @@ def main() -> None:
     print(format_cpu_info(info), flush=True)
     t_start = time.perf_counter()
 
-    base = LLM(args.model, max_model_len=64, num_kv_blocks=8)
+    base = LLM(args.model, quantization=None, max_model_len=64, num_kv_blocks=8)
     tok = base.get_tokenizer()
     corpus = tok.encode(corpus_text())
     del base
@@ -120,7 +120,7 @@ def main() -> None:
     for name, kw in setups.items():
         if "kv_offload_memory" in kw:
             kw["kv_offload_memory"] = int(1.2 * n * blocks_per * bytes_per_token * bs)
-        llm = LLM(args.model, **common, **kw)
+        llm = LLM(args.model, quantization=None, **common, **kw)
         bytes_per_token = llm.cache_stats()["kv_bytes_per_token"]
         if name != "after restart":
             run_pass(llm, first, params)

@@ -151,7 +151,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_llm(a, dtype, **kw) -> LLM:
-    return LLM(a.model, dtype=dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+    return LLM(a.model, quantization=None, dtype=dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=False, **kw)
 
 

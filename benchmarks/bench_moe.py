@@ -141,7 +141,7 @@ def main() -> None:
     hf, llms, active = {}, {}, {}
     for kind in ("moe", "dense"):
         hf[kind] = build(kind, args.width, len(tok), tmp / kind, tok)
-        llms[kind] = LLM(str(tmp / kind), dtype=args.dtype, max_model_len=1024, kv_cache_memory="1GiB",
+        llms[kind] = LLM(str(tmp / kind), quantization=None, dtype=args.dtype, max_model_len=1024, kv_cache_memory="1GiB",
                          max_num_seqs=32, max_num_batched_tokens=512, enable_prefix_caching=False)
         cfg = llms[kind].engine.model_config
         active[kind] = cfg.num_params(active=True)

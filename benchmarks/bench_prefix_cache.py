@@ -469,7 +469,7 @@ def main(argv=None) -> int:
 
     def load(prefix: bool) -> tuple[LLM, float]:
         t0 = time.perf_counter()
-        llm = LLM(args.model, enable_prefix_caching=prefix, **kw)
+        llm = LLM(args.model, quantization=None, enable_prefix_caching=prefix, **kw)
         warm_up(llm, tok)
         return llm, time.perf_counter() - t0
 

@@ -42,7 +42,7 @@ MODEL = "gemma3-270m"
 
 def memory_curve(ids: list[int], new_tokens: int, drop: bool) -> list[tuple[int, int]]:
     """(tokens in the cache, KV bytes held) after every step of one request."""
-    llm = LLM(MODEL, max_model_len=len(ids) + new_tokens + 16, max_num_batched_tokens=512,
+    llm = LLM(MODEL, quantization=None, max_model_len=len(ids) + new_tokens + 16, max_num_batched_tokens=512,
               enable_prefix_caching=False, kv_cache_memory="1GiB")
     e = llm.engine
     if not drop:  # every group keeps every block: full attention's memory, the same tokens
@@ -99,7 +99,7 @@ def llama_speed(python: str, ids: list[int], new: int, runs: int) -> float | Non
 
 def kvserve_speed(ids_list: list[list[int]], new: int, runs: int) -> float:
     """(new - 1) decode tokens per request over the time after the first token, as for HF below."""
-    llm = LLM(MODEL, max_model_len=1024, enable_prefix_caching=False, max_num_seqs=len(ids_list))
+    llm = LLM(MODEL, quantization=None, max_model_len=1024, enable_prefix_caching=False, max_num_seqs=len(ids_list))
     prompts = [{"prompt_token_ids": i} for i in ids_list]
     run = lambda n: llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),  # noqa: E731
                                  use_tqdm=False)
@@ -159,7 +159,7 @@ def main() -> None:
     print(format_cpu_info(info), flush=True)
     t_start = time.perf_counter()
 
-    llm_tok = LLM(MODEL, max_model_len=64, num_kv_blocks=64).get_tokenizer()
+    llm_tok = LLM(MODEL, quantization=None, max_model_len=64, num_kv_blocks=64).get_tokenizer()
     ids = llm_tok.encode(corpus_text()[: args.length * 8])[: args.length]
     curves = {}
     for drop in (True, False):
@@ -184,7 +184,7 @@ def main() -> None:
 
     # speed
     prompts = [ids[i * 64 : (i + 1) * 64] for i in range(16)]
-    dtype = LLM(MODEL, max_model_len=64, num_kv_blocks=64).engine.dtype
+    dtype = LLM(MODEL, quantization=None, max_model_len=64, num_kv_blocks=64).engine.dtype
     speed = {"kvserve_b1": kvserve_speed(prompts[:1], 64, args.runs),
              "kvserve_b16": kvserve_speed(prompts, 128, args.runs),
              "hf_b1": hf_speed(prompts[:1], 64, args.runs, dtype),

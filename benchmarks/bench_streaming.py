@@ -46,16 +46,16 @@ def main() -> None:
     info = cpu_info()
     print(format_cpu_info(info), flush=True)
     t_start = time.perf_counter()
-    base = LLM(args.model, max_model_len=64, num_kv_blocks=8)
+    base = LLM(args.model, quantization=None, max_model_len=64, num_kv_blocks=8)
     ids = base.get_tokenizer().encode(corpus_text())[: args.tokens]
     context = base.engine.model_config.max_position_embeddings
     del base
     common = dict(max_num_batched_tokens=args.chunk, enable_prefix_caching=False)
     bounded = dict(kv_cache_policy="sink_window", sink_window=args.window, max_model_len=2048, **common)
     configs = {
-        "full cache": (LLM(args.model, max_model_len=context, **common), ids[: context - 1]),
-        "window alone": (LLM(args.model, num_sink_tokens=0, **bounded), ids),
-        "sinks + window": (LLM(args.model, num_sink_tokens=args.sinks, **bounded), ids),
+        "full cache": (LLM(args.model, quantization=None, max_model_len=context, **common), ids[: context - 1]),
+        "window alone": (LLM(args.model, quantization=None, num_sink_tokens=0, **bounded), ids),
+        "sinks + window": (LLM(args.model, quantization=None, num_sink_tokens=args.sinks, **bounded), ids),
     }
     nll = {}
     for name, (llm, text) in configs.items():

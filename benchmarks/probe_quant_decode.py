@@ -105,7 +105,7 @@ def capture_smollm2(prompt_len: int):
     from common import prompt_ids
     from kvserve import LLM, SamplingParams
 
-    llm = LLM("smollm2-135m", dtype="float32", enable_prefix_caching=False, max_num_seqs=1)
+    llm = LLM("smollm2-135m", quantization=None, dtype="float32", enable_prefix_caching=False, max_num_seqs=1)
     backend = llm.engine.attn_backend
     seen: dict[int, list] = {}
     inner = backend.forward

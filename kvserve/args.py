@@ -30,7 +30,7 @@ class EngineArgs:
     model: str = DEFAULT_MODEL  # an alias, a .gguf file or a HF folder
     dtype: str = "auto"  # weights and activations; auto: bf16 on CUDA or a CPU with fast bf16, else fp32
     device: str | None = None  # None: cpu
-    quantization: str | None = None  # None | "int8" (weight-only) | "w8a8" (int8 weights and activations, CPU) | "int4" (CPU)
+    quantization: str | None = "auto"  # "auto" (the file's own) | "none" | "int8" | "w8a8" | "int4": EngineConfig
     kv_cache: str = "paged"  # paged | contiguous | off
     block_size: int = 16  # tokens per paged block
     kv_cache_memory: str | int | None = None  # paged pool size ("256MiB"); None: 1 GiB
@@ -99,9 +99,11 @@ class EngineArgs:
         add("dtype", choices=DTYPES, help="weights and KV dtype; auto: bf16 on CUDA or a CPU with fast bf16, else "
                                           "fp32 (default: %(default)s)")
         add("device", choices=DEVICES, help="default: cpu")
-        add("quantization", choices=[q for q in QUANTIZATIONS if q],
-            help="int8: weight-only; w8a8: int8 weights and per-token int8 activations (CPU); int4: 4-bit codes "
-                 "with a scale and zero per 32 weights (a Q4_1 GGUF's own values; CPU, fastest at batch 1)")
+        add("quantization", choices=["auto", "none"] + [q for q in QUANTIZATIONS if q],
+            help="auto: the file's own (a 4-bit GGUF runs int4 on the CPU; `kvserve info` says what and why); "
+                 "none: the model dtype (exact, as HF); int8: weight-only; w8a8: int8 weights and per-token int8 "
+                 "activations (CPU); int4: 4-bit codes with a scale and zero per 32 weights (a Q4_1 GGUF's own "
+                 "values; CPU) (default: %(default)s)")
         add("kv_cache", choices=KV_CACHE_MODES,
             help="paged block pool, the seeds' contiguous cache, or none (recompute) (default: %(default)s)")
         add("block_size", type=int, help="paged block size in tokens (default: %(default)s)")

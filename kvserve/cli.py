@@ -297,6 +297,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "---",
         f"model:          {args.model} ({engine.device}, {str(engine.dtype).removeprefix('torch.')}, "
         f"loaded in {engine.load_seconds:.2f} s)",
+        f"weights:        {engine.quantization or 'the model dtype'} ({engine.quantization_reason})",
         f"TTFT:           {ttft}",
         f"decode:         {decode}",
         f"prompt tokens:  {r.prompt_tokens}{cached}",
@@ -633,9 +634,19 @@ def model_info(model: str) -> dict:
     from kvserve.config import KV_CACHE_QUANT_DTYPES
     from kvserve.kv.spec import KVSpec
 
+    from kvserve.engine.llm_engine import resolve_dtype, resolve_quantization
+
     cfg = _load_config(model)
+    cpu = torch.device("cpu")
+    quant, why = resolve_quantization("auto", cfg.weight_format, cpu)
     return {
         "name": cfg.name,
+        "weight_format": cfg.weight_format,
+        # what `kvserve generate/serve` choose on this machine's CPU by default, and why
+        "default_dtype": str(resolve_dtype("auto", cpu)).removeprefix("torch."),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "default_quantization": quant,
+        "default_quantization_reason": why,
         "num_layers": cfg.num_layers,
         "hidden_size": cfg.hidden_size,
         "num_heads": cfg.num_heads,
@@ -697,6 +708,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("context length", ctx),
         ("tied embeddings", "yes" if i["tie_word_embeddings"] else "no"),
         ("parameters", f"{n / 1e6:.1f}M ({n:,})"),
+        ("weights in the file", i["weight_format"] or "floats"),
+        ("default on this CPU", f"dtype {i['default_dtype']} (CPU capability {i['cpu_capability']}: bf16 only "
+                                f"where the CPU has bf16 instructions), weights "
+                                f"{i['default_quantization'] or i['default_dtype']}: {i['default_quantization_reason']}"),
     ]
     if i["num_experts"]:
         a = i["num_active_params"]

@@ -104,6 +104,9 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # 0: no shared expert
     shared_expert_gate: bool = False  # the shared expert's output times sigmoid(x . w) (Qwen2-MoE)
     dense_layers: tuple[int, ...] = ()  # layers that keep the dense MLP in a MoE model (Qwen's mlp_only_layers)
+    # how the file stores the layers' matrices: a GGUF type ("Q4_1", "Q8_0", "F16", ...), the most common
+    # among them; None for float checkpoints (HF folders). quantization="auto" keeps it (llm_engine)
+    weight_format: str | None = None
 
     def __post_init__(self) -> None:
         self.dense_layers = tuple(self.dense_layers)

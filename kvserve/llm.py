@@ -29,7 +29,7 @@ class LLM:
         *,
         dtype: str = "auto",
         device: str | None = None,
-        quantization: str | None = None,
+        quantization: str | None = "auto",
         kv_cache: str = "paged",
         block_size: int = 16,
         kv_cache_memory: str | int | None = None,

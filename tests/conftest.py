@@ -71,6 +71,7 @@ def make_llm(**kw):
     from kvserve import LLM
 
     kw.setdefault("dtype", "float32")
+    kw.setdefault("quantization", "none")  # the exact weights: the cache paths are compared with HF and recompute
     kw.setdefault("max_model_len", 512)
     return LLM("smollm2-135m", **kw)
 

@@ -171,8 +171,18 @@ def _gguf_config(reader, name: str) -> ModelConfig:
         bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=(int(eos),) if eos is not None else (),
         name=name,
+        weight_format=_gguf_weight_format(reader),
         **family,
     )
+
+
+def _gguf_weight_format(reader) -> str | None:
+    """The tensor type most of the layers' matrices have ("Q4_1" for SmolLM2's file, "Q4_K" for Gemma 3's)."""
+    from collections import Counter
+
+    kinds = Counter(t.tensor_type.name for t in reader.tensors
+                    if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) >= 2)
+    return kinds.most_common(1)[0][0] if kinds else None
 
 
 # GGUF tensor name -> our parameter name (per layer names get the "layers.{i}." prefix)

@@ -32,6 +32,7 @@ def gemma_llm(**kw):
     from kvserve import LLM
 
     kw.setdefault("dtype", "float32")
+    kw.setdefault("quantization", "none")  # compared with HF on the float weights
     kw.setdefault("max_model_len", 1024)
     kw.setdefault("num_kv_blocks", 400)
     return LLM("gemma3-270m", **kw)

@@ -21,7 +21,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a t
 
 def _run(path: str, n: int, prompts=PROMPTS, max_tokens: int = 10, prompt_logprobs: int | None = None,
          **kw) -> tuple[list, dict]:
-    llm = LLM(path, dtype="float32", tensor_parallel_size=n, **kw)
+    llm = LLM(path, dtype="float32", quantization="none", tensor_parallel_size=n, **kw)
     try:
         sp = SamplingParams(temperature=0, max_tokens=max_tokens, prompt_logprobs=prompt_logprobs)
         out = llm.generate(prompts, sp, use_tqdm=False)

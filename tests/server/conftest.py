@@ -22,7 +22,7 @@ import pytest
 
 API_KEY = "sk-kvserve-test"
 MODEL = "smollm2-135m"
-COMMON = ["--model", MODEL, "--max-model-len", "512", "--dtype", "float32", "--kv-cache", "paged",
+COMMON = ["--model", MODEL, "--max-model-len", "512", "--dtype", "float32", "--quantization", "none", "--kv-cache", "paged",
           "--api-key", API_KEY, "--log-level", "warning"]
 STARTUP_TIMEOUT = 180
 

@@ -99,7 +99,7 @@ def test_choices_come_from_the_constants(command, flag, values):
 
 @pytest.mark.parametrize("command", ["generate", "chat", "serve"])
 @pytest.mark.parametrize("flag,bad", [
-    ("--kv-cache", "bogus"), ("--preemption-mode", "pause"), ("--kv-cache-dtype", "int3"), ("--quantization", "int4"),
+    ("--kv-cache", "bogus"), ("--preemption-mode", "pause"), ("--kv-cache-dtype", "int3"), ("--quantization", "int3"),
     ("--dtype", "float64"), ("--device", "tpu"), ("--block-size", "sixteen"), ("--max-model-len", "1.5"),
 ])
 def test_bad_values_are_refused_by_argparse(capsys, command, flag, bad):
