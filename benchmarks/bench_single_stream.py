@@ -4,9 +4,10 @@ Same GGUF (SmolLM2-135M-Instruct, Q4_1 layers and a Q8_0 embedding/LM head), sam
 run: a 128-token and a 1,024-token prompt of real text, 128 generated tokens (greedy, no early stop),
 median of ``--repeats`` (default 5) per system:
 
-- kvserve in each weight setting (``--kvserve``): ``default`` (what ``make run`` uses: the dtype
-  ``auto`` picks), ``fp32``, ``int8`` (weight-only), ``w8a8``, ``int4`` (4-bit codes + scale and zero
-  per 32 weights: Q4_1's 5 bits, LM head int8). Timed on the engine's own steps: TTFT is the prefill
+- kvserve in each weight setting (``--kvserve``): ``default`` (what ``make run`` uses:
+  ``quantization="auto"``, int4 for this Q4_1 file on the CPU), ``none`` (the float weights in the
+  dtype ``auto`` picks), ``fp32``, ``int8`` (weight-only), ``w8a8``, ``int4`` (4-bit codes + scale
+  and zero per 32 weights: Q4_1's 5 bits, LM head int8). Timed on the engine's own steps: TTFT is the prefill
   step that samples the first token; each later step is one token.
 - llama.cpp (llama-cpp-python in its own venv, ``make bench-llama``): its default, and with flash
   attention. TTFT is ``eval`` of the prompt plus the first sample; each later token is one ``eval``.
@@ -70,11 +71,14 @@ def matrix_params(cfg) -> tuple[int, int]:
 def run_kvserve(setting: str, prompts: dict[int, list[int]], new: int, repeats: int) -> dict:
     from kvserve import LLM, SamplingParams
 
-    kw = {"default": {}, "fp32": {"dtype": "float32"}}.get(setting, {"quantization": setting})
+    kw = {"default": {}, "fp32": {"dtype": "float32", "quantization": "none"}}.get(setting, {"quantization": setting})
     llm = LLM(MODEL, max_model_len=2048, enable_prefix_caching=False, **kw)
     e = llm.engine
     sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    out = {"dtype": str(e.dtype).replace("torch.", ""), "quantization": kw.get("quantization")}
+    dtype = str(e.dtype).replace("torch.", "")
+    # what a decode step reads: the resolved weight setting ("default" is whatever "auto" chose here)
+    out = {"dtype": dtype, "quantization": e.quantization, "quantization_reason": e.quantization_reason,
+           "weights": e.quantization or {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)}
     for n, ids in prompts.items():
         runs = []
         for rep in range(repeats + 1):  # the first is a warm-up
@@ -194,7 +198,9 @@ def run_hf(dtype: torch.dtype, prompts: dict[int, list[int]], new: int, repeats:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kvserve", default="default,fp32,int8,w8a8,int4", help="kvserve weight settings")
+    ap.add_argument("--kvserve", default="default,none,fp32,int8,w8a8,int4",
+                    help="kvserve weight settings: default (quantization='auto', what make run uses), none (the "
+                         "model dtype), fp32, or a quantization")
     ap.add_argument("--prompt-lens", default="128,1024")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
@@ -237,7 +243,7 @@ def main() -> None:
     default_kind = "bf16" if default_dtype == torch.bfloat16 else "fp32"
     rows = []
     for name, res in results.items():
-        kind = {"kvserve default": default_kind, "HF transformers": default_kind}.get(name, name.split(" ")[-1])
+        kind = res.get("weights") or default_kind  # HF: the default dtype
         kind = "llama.cpp" if name.startswith("llama.cpp") else kind
         per_layer, per_head = BYTES_PER_WEIGHT[kind]
         wbytes = layer_params * per_layer + head_params * per_head
