@@ -81,7 +81,7 @@ _GGUF_8BIT = ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
 def resolve_quantization(quantization: str | None, weight_format: str | None, device: torch.device) -> tuple[str | None, str]:
     """(the weight setting to run, why). ``"auto"`` keeps the file's own quantization on the CPU, as
     llama.cpp does: a 4-bit GGUF runs int4 (SmolLM2's Q4_1 layers: the same values, 0.625 instead of 2
-    bytes per weight read each decode step, 1.74x the bf16 batch-1 decode speed on the Sapphire Rapids
+    bytes per weight read each decode step, 1.96x the bf16 batch-1 decode speed on the Sapphire Rapids
     machine; 95 % teacher-forced agreement with the float model: docs/benchmarks.md), an 8-bit one
     int8. Float checkpoints, and CUDA, run in the model dtype. ``"none"``: the model dtype always (the
     exact, HF-identical setting)."""
