@@ -33,6 +33,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -257,8 +258,6 @@ class ReplicaSet:
                           request_id: str | None = None) -> RequestStream:
         """Send one request to a replica; return once its first output (or its error) is back, so that
         a refused prompt becomes an HTTP error before any response starts."""
-        import uuid
-
         request_id = request_id or uuid.uuid4().hex
         with self._lock:
             if not self._accepting:
