@@ -8,15 +8,16 @@ order of the servers; figures are medians over rounds.
 
 Servers:
 
-  kvserve    ``kvserve serve --model M --max-num-seqs 64`` (paged cache, continuous batching; fp32
-             weights on an AVX2 CPU)
+  kvserve    ``kvserve serve --model M --max-num-seqs 64`` (paged cache, continuous batching; the
+             defaults: ``--quantization auto``, int4 for this Q4_1 file at up to 4 rows, the model dtype's
+             dense weights above; the dtype bf16, or fp32 on an AVX2 CPU)
   kvserve-w8a8  the same with ``--quantization w8a8``: int8 weights x per-token int8 activations, the
              same class of arithmetic as llama.cpp's (Q4_1 weights x 8-bit activation blocks)
   llama.cpp  ``python -m llama_cpp.server --model <the same .gguf> --n_ctx 4096 --n_threads <cores>
              --interrupt_requests False``
              from llama-cpp-python, in its own venv (``--llama-python``, default ``.venv-llama/bin/python``;
              build it with ``make bench-llama``). Weights stay Q4_1 and the KV cache is f16; it serves one
-             request at a time.
+             request at a time. Where its extra buffer types (AMX) crash (a probe runs first), without them.
 
 Every request sends ``min_tokens = max_tokens`` (both servers accept it), so each makes exactly
 ``--max-tokens`` tokens; output tokens are counted from the servers' ``usage``.
@@ -44,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `kvserve` without an install
 
 from common import (  # noqa: E402
-    RESULTS_DIR, cpu_info, finish_figure, fmt, format_cpu_info, format_table, median, now_iso, pyplot, save_json,
+    LLAMA_NO_EXTRA_BUFTS, RESULTS_DIR, cpu_info, finish_figure, fmt, format_cpu_info, format_table, llama_extra_bufts_work,
+    median, now_iso, pyplot, save_json,
 )
 
 from kvserve.models.loader import DEFAULT_MODEL, resolve_model  # noqa: E402
@@ -95,7 +97,13 @@ def server_command(name: str, args: argparse.Namespace, port: int) -> tuple[list
             cmd += ["--quantization", name.split("-", 1)[1]]
         return cmd, f"{base}/health"
     gguf = str(resolve_model(args.model).path)
-    cmd = [args.llama_python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
+    if args.llama_extra_bufts is None:
+        args.llama_extra_bufts = llama_extra_bufts_work(args.llama_python, gguf)
+        print(f"  llama.cpp extra buffer types (AMX, repacked weights): "
+              f"{'on' if args.llama_extra_bufts else 'off: they crash on this machine'}", flush=True)
+    launch = ["-m", "llama_cpp.server"] if args.llama_extra_bufts else \
+        ["-c", LLAMA_NO_EXTRA_BUFTS + "from llama_cpp.server.__main__ import main\nmain()\n"]
+    cmd = [args.llama_python, *launch, "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
            "--n_ctx", "4096", "--n_threads", str(os.cpu_count() or 1), "--n_threads_batch", str(os.cpu_count() or 1),
            # queue concurrent requests instead of cutting the streaming one short (its default)
            "--interrupt_requests", "False",
@@ -106,13 +114,15 @@ def server_command(name: str, args: argparse.Namespace, port: int) -> tuple[list
 def run_server_sweep(name: str, args: argparse.Namespace) -> dict[int, dict]:
     port = free_port()
     cmd, ready = server_command(name, args, port)
-    # Each server with the OpenMP wait policy it does best with here (session 5, Zen 4, 2 cores shared with
-    # the load generator). kvserve: sleeping threads (PASSIVE), within noise of the spinning default
-    # (16 streams: 214 vs 203 tok/s). llama.cpp: its default; PASSIVE made its per-token time 2.4x longer
-    # (32.5 vs 13.3 ms at one stream). Sessions 1-3 ran both PASSIVE, on the AVX2 machine.
+    # Each server with the OpenMP wait policy it does best with. kvserve: OpenMP's default (threads spin a
+    # while between parallel regions). Session 11, Sapphire Rapids, int4 default: PASSIVE (sleeping
+    # threads) made the 1-stream time per token 21.9 ms against 11.8 ms (the offline step: 11.2) and 16
+    # streams 273 against 382 tok/s: a decode step is ~250 small parallel regions, each paying a wake-up.
+    # (Session 5, Zen 4, bf16: PASSIVE was within noise, 214 vs 203 tok/s at 16 streams.) llama.cpp: its
+    # default; PASSIVE made its per-token time 2.4x longer (32.5 vs 13.3 ms at one stream, session 5).
     env = dict(os.environ)
-    if name.startswith("kvserve"):
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    if name.startswith("kvserve") and args.kvserve_omp_wait:
+        env["OMP_WAIT_POLICY"] = args.kvserve_omp_wait
     log = open(RESULTS_DIR / f"bench_serve_{name}.log", "a")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     out = {}
@@ -150,6 +160,9 @@ def main() -> None:
     p.add_argument("--llama-python", default=str(ROOT / ".venv-llama" / "bin" / "python"))
     p.add_argument("--servers", default="kvserve,kvserve-w8a8,llama.cpp")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--kvserve-omp-wait", default="", help="OMP_WAIT_POLICY for kvserve (default: unset, OpenMP's own)")
+    p.add_argument("--llama-extra-bufts", default=None, type=lambda v: v == "on", metavar="on|off",
+                   help="llama.cpp's extra buffer types (AMX, repacked weights); default: on unless a probe crashes")
     p.add_argument("--tag", default="")
     bench_args = add_bench_args(argparse.ArgumentParser(add_help=False))
     args, rest = p.parse_known_args()

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS_DIR, command_line, cpu_info, format_cpu_info, format_table, load_hf, now_iso,  # noqa: E402
-                    prompt_ids, pyplot, save_json, settings_of)
+from common import (LLAMA_NO_EXTRA_BUFTS, RESULTS_DIR, command_line, cpu_info, format_cpu_info,  # noqa: E402
+                    format_table, load_hf, now_iso, prompt_ids, pyplot, save_json, settings_of)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
@@ -106,16 +106,10 @@ def _summary(runs: list[dict]) -> dict:
 
 LLAMA_SCRIPT = r"""
 import json, statistics, sys, time
-import llama_cpp.llama_cpp as C
 from llama_cpp import Llama
 a = json.loads(sys.argv[1])
-if not a["extra_bufts"]:  # llama.cpp's extra buffer types: its AMX and repacked-weight kernels
-    default_params = C.llama_model_default_params
-    def params():
-        p = default_params()
-        p.use_extra_bufts = False
-        return p
-    C.llama_model_default_params = params
+if not a["extra_bufts"]:
+    exec(a["no_extra_bufts"])
 out = {}
 for fa in (False, True):
     llm = Llama(model_path=a["gguf"], n_ctx=2048, n_threads=a["threads"], n_threads_batch=a["threads"],
@@ -152,7 +146,8 @@ def run_llama(python: str, prompts: dict[int, list[int]], new: int, repeats: int
 
     for extra in (True, False):
         args = {"gguf": str(resolve_model(MODEL).path), "prompts": {str(k): v for k, v in prompts.items()},
-                "new": new, "repeats": repeats, "threads": threads, "extra_bufts": extra}
+                "new": new, "repeats": repeats, "threads": threads, "extra_bufts": extra,
+                "no_extra_bufts": LLAMA_NO_EXTRA_BUFTS}
         proc = subprocess.run([python, "-c", LLAMA_SCRIPT, json.dumps(args)], capture_output=True, text=True,
                               timeout=1800)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("JSON")), None)

@@ -168,6 +168,33 @@ def prompt_ids(tokenizer, length: int, text: str = PROSE) -> list[int]:
     return (base * reps)[:length]
 
 
+# ---------------------------------------------------------------- the llama.cpp peer
+
+# Python lines that turn off llama.cpp's extra buffer types (its AMX and repacked-weight kernels) in the
+# llama-cpp-python process that runs them. On the Sapphire Rapids machine its AMX kernel segfaults in
+# ggml_backend_amx_mul_mat on the first prompt (llama-cpp-python 0.3.36, gdb backtrace); without extra
+# buffers a Q4_1 file runs llama.cpp's AVX-512 path.
+LLAMA_NO_EXTRA_BUFTS = """
+import llama_cpp.llama_cpp as _C
+_default_params = _C.llama_model_default_params
+def _params():
+    p = _default_params()
+    p.use_extra_bufts = False
+    return p
+_C.llama_model_default_params = _params
+"""
+
+
+def llama_extra_bufts_work(python: str, gguf: str) -> bool:
+    """Whether llama.cpp with its extra buffer types survives one short prompt on this machine."""
+    import subprocess
+
+    probe = ("from llama_cpp import Llama\n"
+             f"llm = Llama(model_path={gguf!r}, n_ctx=256, verbose=False)\n"
+             "llm.eval(llm.tokenize(b'The capital of France is'))\n")
+    return subprocess.run([python, "-c", probe], capture_output=True, timeout=300).returncode == 0
+
+
 # ---------------------------------------------------------------- output
 
 
