@@ -36,7 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (LLAMA_NO_EXTRA_BUFTS, RESULTS_DIR, command_line, cpu_info, format_cpu_info,  # noqa: E402
-                    format_table, load_hf, now_iso, prompt_ids, pyplot, save_json, settings_of)
+                    format_table, llama_extra_bufts_work, load_hf, now_iso, prompt_ids, pyplot, save_json,
+                    settings_of)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
@@ -139,24 +140,20 @@ print("JSON" + json.dumps(out))
 
 
 def run_llama(python: str, prompts: dict[int, list[int]], new: int, repeats: int, threads: int) -> tuple[dict, bool]:
-    """llama.cpp's rows, and whether its extra buffer types ran. On the Sapphire Rapids machine its AMX
-    kernel (an extra buffer type) segfaults in ggml_backend_amx_mul_mat on the first prompt (gdb,
-    llama-cpp-python 0.3.36); then it runs again without them, which for Q4_1 is its AVX-512 path."""
+    """llama.cpp's rows, and whether its extra buffer types ran: on where a probe survives them
+    (``common.llama_extra_bufts_work``; on the Sapphire Rapids machine its AMX kernel segfaults)."""
     from kvserve.models.loader import resolve_model
 
-    for extra in (True, False):
-        args = {"gguf": str(resolve_model(MODEL).path), "prompts": {str(k): v for k, v in prompts.items()},
-                "new": new, "repeats": repeats, "threads": threads, "extra_bufts": extra,
-                "no_extra_bufts": LLAMA_NO_EXTRA_BUFTS}
-        proc = subprocess.run([python, "-c", LLAMA_SCRIPT, json.dumps(args)], capture_output=True, text=True,
-                              timeout=1800)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("JSON")), None)
-        if line is not None:
-            raw = json.loads(line[4:])
-            return {mode: {int(n): _summary(runs) for n, runs in res.items()} for mode, res in raw.items()}, extra
-        print(f"llama.cpp with extra_bufts={extra} failed (exit {proc.returncode}); {proc.stderr[-500:]}",
-              file=sys.stderr, flush=True)
-    raise RuntimeError("llama.cpp failed with and without its extra buffer types")
+    gguf = str(resolve_model(MODEL).path)
+    extra = llama_extra_bufts_work(python, gguf)
+    args = {"gguf": gguf, "prompts": {str(k): v for k, v in prompts.items()}, "new": new, "repeats": repeats,
+            "threads": threads, "extra_bufts": extra, "no_extra_bufts": LLAMA_NO_EXTRA_BUFTS}
+    proc = subprocess.run([python, "-c", LLAMA_SCRIPT, json.dumps(args)], capture_output=True, text=True, timeout=1800)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("JSON")), None)
+    if line is None:
+        raise RuntimeError(f"llama.cpp failed (exit {proc.returncode}, extra_bufts={extra}):\n{proc.stderr[-3000:]}")
+    raw = json.loads(line[4:])
+    return {mode: {int(n): _summary(runs) for n, runs in res.items()} for mode, res in raw.items()}, extra
 
 
 def run_hf(dtype: torch.dtype, prompts: dict[int, list[int]], new: int, repeats: int) -> dict:

@@ -32,9 +32,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import kvserve
 from kvserve.engine.async_llm import AsyncLLM
-
-if TYPE_CHECKING:
-    from kvserve.server.replicas import ReplicaSet
 from kvserve.server.dashboard import dashboard_router
 from kvserve.server.metrics import Metrics
 from kvserve.server.protocol import (
@@ -42,6 +39,9 @@ from kvserve.server.protocol import (
     ModelList,
 )
 from kvserve.server.serving import APIError, JSONResp, OpenAIServing
+
+if TYPE_CHECKING:
+    from kvserve.server.replicas import ReplicaSet
 
 log = logging.getLogger("kvserve.server")
 
@@ -61,8 +61,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def build_app(async_llm: AsyncLLM | ReplicaSet, served_model_name: str, api_key: str | None = None,
               shutdown_engine: bool = True) -> FastAPI:
-    """The app serving ``async_llm`` (one engine, or a ``ReplicaSet``) as model ``served_model_name``. With ``api_key``, /v1/* needs
-    ``Authorization: Bearer <api_key>``. ``shutdown_engine``: shut the AsyncLLM down when the app stops."""
+    """The app serving ``async_llm`` (one engine, or a ``ReplicaSet``) as model ``served_model_name``.
+    With ``api_key``, /v1/* needs ``Authorization: Bearer <api_key>``. ``shutdown_engine``: shut the
+    engine down when the app stops."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

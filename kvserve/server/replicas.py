@@ -167,7 +167,8 @@ def _cause(e: BaseException) -> BaseException:
 
 class ReplicaSet:
     """N engine replicas on Ray, with the surface of ``AsyncLLM`` that the HTTP front end uses
-    (``add_request``, ``close``, ``tokenizer``, ``max_model_len``, ``stats``, ``is_alive``, ``shutdown``).
+    (``add_request``, ``close``, ``tokenizer``, ``max_model_len``, ``stats``, ``is_alive``, ``shutdown``),
+    and ``replica_stats``: each replica's ``AsyncLLM.stats()``, for /metrics and /replicas.
 
     ``ray_address``: None starts a Ray instance in this process; ``"auto"`` or ``host:port`` joins a
     running cluster (``ray start --head``). ``cpus_per_replica``: each replica's CPU reservation and torch
@@ -182,10 +183,10 @@ class ReplicaSet:
         if engine_kwargs.get("tensor_parallel_size", 1) > 1:
             raise ValueError("--replicas with --tensor-parallel-size > 1 is not supported yet: each replica "
                              "would start its own tensor-parallel workers inside a Ray actor")
-        from kvserve.models.loader import load_tokenizer, resolve_model
+        from kvserve.models.loader import DEFAULT_MODEL, load_tokenizer, resolve_model
 
         self.max_queue = max_queue
-        self.tokenizer = load_tokenizer(resolve_model(engine_kwargs.get("model") or "smollm2-135m"))
+        self.tokenizer = load_tokenizer(resolve_model(engine_kwargs.get("model", DEFAULT_MODEL)))
         self._own_ray = not ray.is_initialized() and ray_address is None
         if not ray.is_initialized():
             ray.init(address=ray_address, namespace=NAMESPACE, include_dashboard=False,
@@ -235,23 +236,14 @@ class ReplicaSet:
         return dict(self._replicas)
 
     def stats(self) -> dict:
-        """The front end's counts and the replicas' counters summed."""
-        reps = self.replica_stats()
-        total: dict[str, Any] = {}
-        for s in reps.values():
-            for k, v in s.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("pid", "time", "threads"):
-                    total[k] = total.get(k, 0) + v
-        total.update(num_replicas=len(reps), replicas_configured=self.num_replicas, num_failovers=self.num_failovers,
-                     num_unfinished=self._num_unfinished, max_queue=self.max_queue, accepting=self._accepting)
-        return total
+        """The front end's own counts. The engines' figures are per replica (``replica_stats``): summed
+        here, ratios such as KV usage would come out wrong; Prometheus sums the labelled series."""
+        return {"num_replicas": len(self._replicas), "replicas_configured": self.num_replicas,
+                "num_failovers": self.num_failovers, "num_unfinished": self._num_unfinished,
+                "max_queue": self.max_queue, "accepting": self._accepting}
 
     def is_alive(self) -> bool:
         return self._accepting and bool(self._replicas)
-
-    @property
-    def accepting(self) -> bool:
-        return self._accepting
 
     # ------------------------------------------------------------------ requests
     async def add_request(self, prompt: dict, params: SamplingParams | None = None,
