@@ -24,6 +24,11 @@ Medians of --runs runs, MoE and dense alternating. Also HF transformers' batch-1
 MoE block loops over experts in Python, as ours does, but with a one-hot mask per layer), as the peer.
 The MoE cost per active parameter is (seconds per token / active parameters) over the dense model's.
 
+Beside it, the floor that memory traffic sets: weight bytes one decode step reads (attention, LM head and
+every expert that got a token; the dense model reads all of its weights) over the dense model's. A batch-16
+step of a model this size is bound by reading its weights, so a MoE whose batch touches nearly every
+expert cannot cost less per active parameter than this ratio, whatever its expert kernel does.
+
     .venv/bin/python benchmarks/bench_moe.py            # ~4 min on 2 cores
 """
 from __future__ import annotations
@@ -127,6 +132,13 @@ def hf_decode_rate(model, prompt: list[int], new: int, dtype: torch.dtype) -> fl
     return (new - 1) / (times[1] - times[0])
 
 
+def step_bytes(cfg, touched: float, elem: int) -> float:
+    """Weight bytes one decode step reads when ``touched`` experts per MoE layer got a token."""
+    per_expert = 3 * cfg.hidden_size * cfg.expert_size
+    idle = (cfg.num_experts - touched) * per_expert * sum(cfg.is_moe(i) for i in range(cfg.num_layers))
+    return (cfg.num_params() - idle) * elem
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=768, help="each expert's width; the dense MLP is twice it")
@@ -138,13 +150,14 @@ def main() -> None:
     print(format_cpu_info(info))
     tok = load_tokenizer(resolve_model("smollm2-135m"))
     tmp = Path(tempfile.mkdtemp(prefix="kvserve-moe-"))
-    hf, llms, active = {}, {}, {}
+    hf, llms, active, cfgs = {}, {}, {}, {}
     for kind in ("moe", "dense"):
         hf[kind] = build(kind, args.width, len(tok), tmp / kind, tok)
         llms[kind] = LLM(str(tmp / kind), quantization=None, dtype=args.dtype, max_model_len=1024, kv_cache_memory="1GiB",
                          max_num_seqs=32, max_num_batched_tokens=512, enable_prefix_caching=False)
         cfg = llms[kind].engine.model_config
         active[kind] = cfg.num_params(active=True)
+        cfgs[kind] = cfg
         print(f"{kind}: {cfg.num_params() / 1e6:.1f}M parameters, {active[kind] / 1e6:.1f}M active per token")
     llms = {"moe (balanced)": llms["moe"], "moe (router as built)": llms["moe"], "dense": llms["dense"]}
     active = {k: active[k.split()[0]] for k in llms}
@@ -171,12 +184,17 @@ def main() -> None:
     cost = {k: {m: (med["dense"][m] / med[k][m]) * (active["dense"] / active[k]) for m in ("b1", "b16", "throughput")}
             for k in llms if k != "dense"}
     mean_touched = {k: {t: sum(v) / len(v) for t, v in d.items() if t in (1, 16)} for k, d in touched.items() if d}
+    elem = torch.empty((), dtype=dtype).element_size()
+    # bytes per batch-16 step, and their ratio to the dense model's: the memory floor of the cost ratio
+    floor = {k: step_bytes(cfgs["moe"], mean_touched[k][16], elem) / step_bytes(cfgs["dense"], 0, elem)
+             for k in cost}
     rows = [[kind, f"{active[kind] / 1e6:.1f}M", f"{med[kind]['b1']:.1f}", f"{med[kind]['b16']:.1f}",
              f"{med[kind]['throughput']:.0f}", f"{mean_touched.get(kind, {}).get(16, 0):.1f}" if kind != "dense" else ""]
             for kind in llms]
     for k, c in cost.items():
         rows.append([f"{k}: cost / active param vs dense", "", f"{c['b1']:.2f}x", f"{c['b16']:.2f}x",
                      f"{c['throughput']:.2f}x", ""])
+        rows.append([f"{k}: weight bytes / b16 step vs dense (floor)", "", "", f"{floor[k]:.2f}x", "", ""])
     print(format_table(["model", "active params", "decode b1 tok/s", "decode b16 tok/s", "throughput tok/s",
                         "experts touched / layer at b16"], rows))
     print(format_table(["HF transformers", "decode b1 tok/s"],
@@ -185,6 +203,7 @@ def main() -> None:
     save_json(args.out, {"date": now_iso(), "command": command_line(), "settings": settings_of(args), "cpu": info,
                          "dtype": str(dtype), "active_params": active, "runs": res, "median": med, "hf_b1": hf_b1,
                          "experts_touched": mean_touched, "moe_cost_per_active_param": cost,
+                         "b16_weight_bytes_ratio_floor": floor,
                          "target": "<= 1.5x at batch 16 (balanced routing)"})
     c = cost["moe (balanced)"]
     save_line_plot(Path(args.out).with_suffix(".png"),
@@ -192,7 +211,7 @@ def main() -> None:
                    title=f"MoE (8 experts, top-2) vs dense, same active parameters ({str(dtype).removeprefix('torch.')})",
                    xlabel="batch (decoding requests)", ylabel="decode tok/s", logx=True, logy=True,
                    note=f"{info['cpu_model']}; balanced MoE cost per active param vs dense: b1 {c['b1']:.2f}x, "
-                        f"b16 {c['b16']:.2f}x, throughput {c['throughput']:.2f}x")
+                        f"b16 {c['b16']:.2f}x (bytes floor {floor['moe (balanced)']:.2f}x), throughput {c['throughput']:.2f}x")
 
 
 if __name__ == "__main__":
