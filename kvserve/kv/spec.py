@@ -45,8 +45,8 @@ class LayerKVSpec:
     attention: AttentionType = AttentionType.FULL
     window: int | None = None  # sliding layers: positions a query sees, its own included (HF's sliding_window)
     num_sinks: int = 0  # first tokens a sliding layer keeps too (StreamingLLM's attention sinks)
-    # Storage format (``kv.quant``): "int8" | "int4" | "fp8_e4m3" | "fp8_e5m2" codes with one float16
-    # scale per token and KV head beside them; None: stored as ``dtype``.
+    # Storage format (``kv.quant``): "int8" | "int4" | "fp8_e4m3" | "fp8_e5m2" codes with one 16-bit
+    # scale word per token and KV head beside them (K and V each); None: stored as ``dtype``.
     quant: str | None = None
 
     def __post_init__(self) -> None:
@@ -55,14 +55,14 @@ class LayerKVSpec:
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        return self.dtype if self.quant is None else kv_quant(self.quant).code_dtype
+        return self.dtype if self.quant is None else kv_quant(self.quant).key.code_dtype  # V's is the same
 
     @property
     def bytes_per_token(self) -> int:
         """K and V of one token in this layer, scales included."""
         if self.quant is None:
             return 2 * self.num_kv_heads * self.head_dim * dtype_bytes(self.dtype)
-        return 2 * self.num_kv_heads * kv_quant(self.quant).bytes_per_value_and_scale(self.head_dim)
+        return self.num_kv_heads * kv_quant(self.quant).bytes_per_token_and_head(self.head_dim)
 
 
 @dataclass(frozen=True)

@@ -43,15 +43,17 @@ class KVCache:
         self.layer_index = [j for _, j in spec.group_of()]  # layer -> its tensor index k[j], v[j]
         self.quant = None if spec.quant is None else kv_quant(spec.quant)
         slots = (spec.layers_per_group, num_blocks * block_size, spec.num_kv_heads)
-        dim = spec.head_dim if self.quant is None else self.quant.packed_dim(spec.head_dim)
+        # code bytes per head row: K and V may differ (int4: q5 keys, q4 values)
+        kdim, vdim = ((spec.head_dim,) * 2 if self.quant is None
+                      else (self.quant.key.packed_dim(spec.head_dim), self.quant.value.packed_dim(spec.head_dim)))
         # empty, not zeros: untouched pages cost no RAM, so a large contiguous reservation is cheap
         # until used. But reads cover whole blocks, and masked positions past a request's length
         # must hold finite values (a zero attention weight times NaN is still NaN): each block is
         # zeroed the first time it is allocated (``zero_new``, called by the manager); after that it
         # holds stale but finite K/V. Block 0, the null block that pads block tables, is zeroed now.
         # On the CPU, on 2 MiB pages: decode reads scattered blocks, and 4 KiB pages make each one a TLB miss.
-        self.k = hugepages.empty((*slots, dim), spec.storage_dtype, device)
-        self.v = hugepages.empty((*slots, dim), spec.storage_dtype, device)
+        self.k = hugepages.empty((*slots, kdim), spec.storage_dtype, device)
+        self.v = hugepages.empty((*slots, vdim), spec.storage_dtype, device)
         self.k_scale = self.v_scale = None
         # int4 and fp8 store K and V rotated (``kv.quant.rotation``): ``write`` rotates, ``read`` turns back, and
         # the decode kernel's caller rotates q and turns the output back
@@ -95,13 +97,14 @@ class KVCache:
             self.k[j].index_copy_(0, slot_mapping, k)
             self.v[j].index_copy_(0, slot_mapping, v)
             return
-        for x, codes, scales in ((k, self.k[j], self.k_scale[j]), (v, self.v[j], self.v_scale[j])):
+        for x, codes, scales, c in ((k, self.k[j], self.k_scale[j], self.quant.key),
+                                    (v, self.v[j], self.v_scale[j], self.quant.value)):
             if self.rotation is not None:
                 x = x @ self.rotation
             if self._cpp_write:  # the same bytes in one C++ call (the PyTorch path is ~20 small ops)
-                cpu_quant_kernels.quantize_write(x, codes, scales, slot_mapping, self.quant.name)
+                cpu_quant_kernels.quantize_write(x, codes, scales, slot_mapping, c)
                 continue
-            c, sc = quantize(x, self.quant)
+            c, sc = quantize(x, c)
             _raw(codes).index_copy_(0, slot_mapping, _raw(c))
             scales.index_copy_(0, slot_mapping, sc)
 
@@ -117,8 +120,9 @@ class KVCache:
         if self.quant is None:
             return self._select(self.k[j], where), self._select(self.v[j], where) if values else None
         # quantized: gather the codes and scales, dequantize the copy (prefill chunks, SDPA, CUDA)
-        pairs = ((self.k[j], self.k_scale[j]), (self.v[j], self.v_scale[j]))[: 2 if values else 1]
-        out = [dequantize(self._select(c, where), self._select(sc, where), self.spec.dtype) for c, sc in pairs]
+        pairs = ((self.k[j], self.k_scale[j], self.quant.key), (self.v[j], self.v_scale[j], self.quant.value))
+        out = [dequantize(self._select(c, where), self._select(sc, where), kind, self.spec.dtype)
+               for c, sc, kind in pairs[: 2 if values else 1]]
         if self.rotation is not None:  # stored rotated: turn back (the rotation is its own inverse)
             out = [x @ self.rotation for x in out]
         return out[0], out[1] if values else None

@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import torch
 
-from kvserve.kv.quant import dequantize, kv_quant
+from kvserve.kv.quant import RowCodec, codec, dequantize, kv_quant
 from kvserve.models import cpu_kernels
 from kvserve.models.cpu_kernels import build_extension
 
-KINDS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")  # the C++ side numbers them in this order
+FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")  # the C++ side numbers them in this order
+CODEC_IDS = {"int8": 0, "q4": 1, "fp8_e4m3": 2, "fp8_e5m2": 3, "q5": 4}  # and the row codecs so
 
 _SOURCE = cpu_kernels.SHARED_CPP + r"""
 #if defined(__F16C__) || defined(__AVX2__)
@@ -95,44 +96,64 @@ static inline v8 half8(u16x8 h) {  // eight float16 bit patterns -> floats
 }
 
 
-// ---- the formats: 16 values of a head row -> two 8-float vectors (a, b) ----
-// BYTES: code bytes per 16 values. MUL: folded into each token's scale. PERM: a = the even elements and
-// b = the odd ones (int4's nibble order), else a = elements 0-7, b = 8-15.
-enum Kind { INT8 = 0, INT4 = 1, E4M3 = 2, E5M2 = 3 };
+// ---- the row codecs: 16 values of a head row -> two 8-float vectors (a, b) ----
+// load(row, i, half, zp, a, b): chunk i (values 16i .. 16i + 15) of the row at ``row``; ``half`` = D / 2
+// (where q5's fifth bits start); zp: the row's zero point (asymmetric codecs; 0 otherwise).
+// MUL: folded into each token's scale. PERM: a = the even elements and b = the odd ones (the nibble
+// order of q4 / q5), else a = elements 0-7, b = 8-15. ASYM: the scale word carries a zero point.
+enum Codecs { INT8 = 0, Q4 = 1, E4M3 = 2, E5M2 = 3, Q5 = 4 };
+constexpr int ZP_MASK = 31;
 template <int K> struct Codec;
 template <> struct Codec<INT8> {
-  static constexpr int BYTES = 16; static constexpr float MUL = 1.f; static constexpr bool PERM = false;
-  static inline void load(const uint8_t* p, v8& a, v8& b) {
-    a = __builtin_convertvector(widen_i8(p), v8);
-    b = __builtin_convertvector(widen_i8(p + 8), v8);
+  static constexpr float MUL = 1.f; static constexpr bool PERM = false, ASYM = false;
+  static inline void load(const uint8_t* row, int64_t i, int64_t, int32_t, v8& a, v8& b) {
+    a = __builtin_convertvector(widen_i8(row + 16 * i), v8);
+    b = __builtin_convertvector(widen_i8(row + 16 * i + 8), v8);
   }
 };
-template <> struct Codec<INT4> {
-  static constexpr int BYTES = 8; static constexpr float MUL = 1.f; static constexpr bool PERM = true;
-  static inline void load(const uint8_t* p, v8& a, v8& b) {
-    const i32x8 w = widen_u8(p);
-    a = __builtin_convertvector((w & 15) - 8, v8);
-    b = __builtin_convertvector((w >> 4) - 8, v8);
+template <> struct Codec<Q4> {
+  static constexpr float MUL = 1.f; static constexpr bool PERM = true, ASYM = true;
+  static inline void load(const uint8_t* row, int64_t i, int64_t, int32_t zp, v8& a, v8& b) {
+    const i32x8 w = widen_u8(row + 8 * i);
+    a = __builtin_convertvector((w & 15) - zp, v8);
+    b = __builtin_convertvector((w >> 4) - zp, v8);
+  }
+};
+template <> struct Codec<Q5> {  // q4's nibbles, plus a fifth bit per value: bit k of hb[0] is element 2k's
+  static constexpr float MUL = 1.f; static constexpr bool PERM = true, ASYM = true;
+  static inline void load(const uint8_t* row, int64_t i, int64_t half, int32_t zp, v8& a, v8& b) {
+    const i32x8 w = widen_u8(row + 8 * i);
+    const uint8_t* hb = row + half + 2 * i;
+    const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const i32x8 he = ((i32x8{} + hb[0]) >> lane) & 1, ho = ((i32x8{} + hb[1]) >> lane) & 1;
+    a = __builtin_convertvector(((w & 15) | (he << 4)) - zp, v8);
+    b = __builtin_convertvector(((w >> 4) | (ho << 4)) - zp, v8);
   }
 };
 template <> struct Codec<E4M3> {  // s eeee mmm -> float16 s 0eeee mmm0000000 = value * 2^-8
-  static constexpr int BYTES = 16; static constexpr float MUL = 256.f; static constexpr bool PERM = false;
+  static constexpr float MUL = 256.f; static constexpr bool PERM = false, ASYM = false;
   static inline u16x8 bits(i8x8 x) {
     const u16x8 s = (u16x8)__builtin_convertvector(x, i16x8);  // sign-extended: bits 8-15 = the sign
     return (s << 7) & (uint16_t)0xBFFF;                           // keep bit 15 (sign), clear bit 14
   }
-  static inline void load(const uint8_t* p, v8& a, v8& b) {
-    i8x8 x, y; std::memcpy(&x, p, 8); std::memcpy(&y, p + 8, 8);
+  static inline void load(const uint8_t* row, int64_t i, int64_t, int32_t, v8& a, v8& b) {
+    i8x8 x, y; std::memcpy(&x, row + 16 * i, 8); std::memcpy(&y, row + 16 * i + 8, 8);
     a = half8(bits(x)); b = half8(bits(y));
   }
 };
 template <> struct Codec<E5M2> {  // e5m2 is the top byte of a float16
-  static constexpr int BYTES = 16; static constexpr float MUL = 1.f; static constexpr bool PERM = false;
-  static inline void load(const uint8_t* p, v8& a, v8& b) {
-    u8x8 x, y; std::memcpy(&x, p, 8); std::memcpy(&y, p + 8, 8);
+  static constexpr float MUL = 1.f; static constexpr bool PERM = false, ASYM = false;
+  static inline void load(const uint8_t* row, int64_t i, int64_t, int32_t, v8& a, v8& b) {
+    u8x8 x, y; std::memcpy(&x, row + 16 * i, 8); std::memcpy(&y, row + 16 * i + 8, 8);
     a = half8(__builtin_convertvector(x, u16x8) << 8); b = half8(__builtin_convertvector(y, u16x8) << 8);
   }
 };
+
+// A token's scale word -> its scale (times the codec's MUL) and zero point.
+template <int K> static inline float scale_of(uint16_t w) {
+  return Codec<K>::ASYM ? half_to_f(w & ~ZP_MASK) : half_to_f(w) * Codec<K>::MUL;
+}
+template <int K> static inline int32_t zero_of(uint16_t w) { return Codec<K>::ASYM ? (w & ZP_MASK) : 0; }
 
 // Where a head row's element e sits in the kernel's order (int4: [evens | odds] per 16 values).
 template <bool PERM> static inline int64_t pos(int64_t e) {
@@ -150,22 +171,25 @@ static inline void store_f(c10::BFloat16* p, float x) {  // round to nearest eve
   *p = c10::BFloat16(uint16_t(u >> 16), c10::BFloat16::from_bits());
 }
 
-struct Pool {  // one layer's quantized K and V, per block [bs, H, Dcb bytes] and scales [bs, H]
+struct Pool {  // one layer's quantized K and V, per block [bs, H, Dc bytes] and scales [bs, H]
   const uint8_t *kc, *vc;
-  const uint16_t *ks, *vs;  // float16 bits
-  int64_t H, D, bs, Dcb;    // Dcb: code bytes per head row
+  const uint16_t *ks, *vs;  // scale words (float16 bits)
+  int64_t H, D, bs, kDc, vDc;  // code bytes per head row of K and of V (int4: q5 keys, q4 values)
 };
 
 // One piece of work: request b, KV heads [h0, h1), its blocks [j0, j1) (tokens below len).
 struct Item { int64_t b, h0, h1, j0, j1, part; };  // part < 0: the whole request, write the output
 
 // Running state per (head, query head): m, l, and acc (D floats, in the kernel's element order).
-template <int G, int K>
+template <int G, int KK, int KV>
 static void decode_piece(const float* q, const Pool& P, const int64_t* table, int64_t begin, int64_t len, int64_t h0,
-                         int64_t h1, int64_t j0, int64_t j1, float* s, float* ksc, float* vsc, float* m, float* l, v8* acc) {
-  using C = Codec<K>;
-  const int64_t D = P.D, H = P.H, bs = P.bs, Dcb = P.Dcb, n16 = D / 16, nd = D / 8, nh = h1 - h0;
-  const int64_t rs = H * Dcb;  // bytes per token row (all heads)
+                         int64_t h1, int64_t j0, int64_t j1, float* s, float* ksc, float* vsc, int32_t* kzp,
+                         int32_t* vzp, float* m, float* l, v8* acc) {
+  using CK = Codec<KK>;
+  using CV = Codec<KV>;
+  static_assert(CK::PERM == CV::PERM, "K and V codecs must share the element order");
+  const int64_t D = P.D, H = P.H, bs = P.bs, kDc = P.kDc, vDc = P.vDc, n16 = D / 16, nd = D / 8, nh = h1 - h0;
+  const int64_t krs = H * kDc, vrs = H * vDc;  // bytes per token row (all heads) of K and of V
   for (int64_t x = 0; x < nh * G; ++x) {
     m[x] = -INFINITY;
     l[x] = 0.f;
@@ -173,18 +197,18 @@ static void decode_piece(const float* q, const Pool& P, const int64_t* table, in
   }
   for (int64_t j = j0; j < j1; ++j) {  // keys [begin, len): a sliding window starts inside block begin / bs
     const int64_t n = std::min(bs, len - j * bs), t0 = j == begin / bs ? begin % bs : 0;
-    const uint8_t* kblk = P.kc + table[j] * bs * rs;
-    const uint8_t* vblk = P.vc + table[j] * bs * rs;
+    const uint8_t* kblk = P.kc + table[j] * bs * krs;
+    const uint8_t* vblk = P.vc + table[j] * bs * vrs;
     const uint16_t* ksb = P.ks + table[j] * bs * H;
     const uint16_t* vsb = P.vs + table[j] * bs * H;
     {  // the block's rows for heads [h0, h1), and its scales, loaded back to back: many misses in flight
       unsigned sink = 0;
       for (int64_t t = t0; t < n; ++t) {
-        const uintptr_t a = reinterpret_cast<uintptr_t>(kblk + t * rs + h0 * Dcb) & ~uintptr_t(63);
-        const uintptr_t e = reinterpret_cast<uintptr_t>(kblk + t * rs + h1 * Dcb);
-        const intptr_t dv = vblk - kblk;
-        for (uintptr_t c = a; c < e; c += 64)
-          sink += *reinterpret_cast<const uint8_t*>(c) + *reinterpret_cast<const uint8_t*>(c + dv);
+        for (const auto& [blk, rs, dc] : {std::tuple{kblk, krs, kDc}, std::tuple{vblk, vrs, vDc}}) {
+          const uintptr_t a = reinterpret_cast<uintptr_t>(blk + t * rs + h0 * dc) & ~uintptr_t(63);
+          const uintptr_t e = reinterpret_cast<uintptr_t>(blk + t * rs + h1 * dc);
+          for (uintptr_t c = a; c < e; c += 64) sink += *reinterpret_cast<const uint8_t*>(c);
+        }
       }
       for (int64_t c = 0; c < n * H * 2; c += 64)
         sink += reinterpret_cast<const uint8_t*>(ksb)[c] + reinterpret_cast<const uint8_t*>(vsb)[c];
@@ -196,29 +220,31 @@ static void decode_piece(const float* q, const Pool& P, const int64_t* table, in
       __builtin_prefetch(P.vs + table[j + 1] * bs * H);
     }
     for (int64_t h = h0; h < h1; ++h) {
-      const uint8_t* kb = kblk + h * Dcb;  // token t of this block at kb + t * rs
-      const uint8_t* vb = vblk + h * Dcb;
-      const uint8_t* kn = j + 1 < j1 ? P.kc + table[j + 1] * bs * rs + h * Dcb : nullptr;
-      const uint8_t* vn = j + 1 < j1 ? P.vc + table[j + 1] * bs * rs + h * Dcb : nullptr;
+      const uint8_t* kb = kblk + h * kDc;  // token t of this block at kb + t * krs
+      const uint8_t* vb = vblk + h * vDc;
+      const uint8_t* kn = j + 1 < j1 ? P.kc + table[j + 1] * bs * krs + h * kDc : nullptr;
+      const uint8_t* vn = j + 1 < j1 ? P.vc + table[j + 1] * bs * vrs + h * vDc : nullptr;
       for (int64_t t = t0; t < n; ++t) {
-        ksc[t] = half_to_f(ksb[t * H + h]) * C::MUL;
-        vsc[t] = half_to_f(vsb[t * H + h]) * C::MUL;
+        const uint16_t kw = ksb[t * H + h], vw = vsb[t * H + h];
+        ksc[t] = scale_of<KK>(kw);
+        kzp[t] = zero_of<KK>(kw);
+        vsc[t] = scale_of<KV>(vw);
+        vzp[t] = zero_of<KV>(vw);
       }
       const float* qh = q + (h - h0) * G * D;
       float* mh = m + (h - h0) * G;
       float* lh = l + (h - h0) * G;
       v8* ah = acc + (h - h0) * G * nd;
       for (int64_t t = t0; t < n; ++t) {  // scores s[g * bs + t] = (q_g . code(k_t)) * k_scale_t
-        if (kn)
-          for (int64_t c = 0; c < Dcb; c += 64) {
-            __builtin_prefetch(kn + t * rs + c);
-            __builtin_prefetch(vn + t * rs + c);
-          }
+        if (kn) {
+          for (int64_t c = 0; c < kDc; c += 64) __builtin_prefetch(kn + t * krs + c);
+          for (int64_t c = 0; c < vDc; c += 64) __builtin_prefetch(vn + t * vrs + c);
+        }
         v8 d0[G], d1[G];  // two sums per query head: twice the independent FMA chains
         for (int g = 0; g < G; ++g) d0[g] = d1[g] = v8{};
         for (int64_t i = 0; i < n16; ++i) {
           v8 a, b;
-          C::load(kb + t * rs + i * C::BYTES, a, b);
+          CK::load(kb + t * krs, i, D / 2, kzp[t], a, b);
           for (int g = 0; g < G; ++g) {
             d0[g] += loadf8(qh + g * D + 16 * i) * a;
             d1[g] += loadf8(qh + g * D + 16 * i + 8) * b;
@@ -249,7 +275,7 @@ static void decode_piece(const float* q, const Pool& P, const int64_t* table, in
         }
         for (int64_t t = t0; t < n; ++t) {
           v8 a, b;
-          C::load(vb + t * rs + i * C::BYTES, a, b);
+          CV::load(vb + t * vrs, i, D / 2, vzp[t], a, b);
           for (int g = 0; g < G; ++g) {
             a0[g] += s[g * bs + t] * a;
             a1[g] += s[g * bs + t] * b;
@@ -264,7 +290,7 @@ static void decode_piece(const float* q, const Pool& P, const int64_t* table, in
   }
 }
 
-template <int G, int K, typename TQ>
+template <int G, int KK, int KV, typename TQ>
 static void decode(const TQ* q, const Pool& P, const int64_t* table, const int64_t* begins, const int64_t* lens,
                    TQ* out, int64_t B, int64_t nb, float sm_scale) {
   const int64_t H = P.H, D = P.D, bs = P.bs, nd = D / 8;
@@ -309,13 +335,14 @@ static void decode(const TQ* q, const Pool& P, const int64_t* table, const int64
   // pieces' states: m, l [parts, hp, G] (hp = 1 whenever there are pieces... or H), acc [parts, hp, G, D]
   std::vector<float> pm(parts * hp * G), pl(parts * hp * G);
   std::vector<v8> pacc(parts * hp * G * nd);
-  constexpr bool PERM = Codec<K>::PERM;
+  constexpr bool PERM = Codec<KK>::PERM;
   auto write_out = [&](TQ* o, const v8* a, float inv) {  // one head row, back to the natural order
     const float* f = reinterpret_cast<const float*>(a);
     for (int64_t e = 0; e < D; ++e) store_f(o + e, f[pos<PERM>(e)] * inv);
   };
   at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
     std::vector<float> s(G * bs), ksc(bs), vsc(bs), m(hp * G), l(hp * G), qb(hp * G * D);
+    std::vector<int32_t> kzp(bs), vzp(bs);
     std::vector<v8> acc(hp * G * nd);
     for (int64_t t = tb; t < te; ++t)
       for (int64_t x = start[t]; x < start[t + 1]; ++x) {
@@ -324,8 +351,8 @@ static void decode(const TQ* q, const Pool& P, const int64_t* table, const int64
         const TQ* qi = q + (it.b * H + it.h0) * G * D;
         for (int64_t r = 0; r < nh * G; ++r)  // q scaled, in the kernel's element order
           for (int64_t e = 0; e < D; ++e) qb[r * D + pos<PERM>(e)] = to_f(qi[r * D + e]) * sm_scale;
-        decode_piece<G, K>(qb.data(), P, table + it.b * nb, first[it.b], len[it.b], it.h0, it.h1, it.j0, it.j1,
-                           s.data(), ksc.data(), vsc.data(), m.data(), l.data(), acc.data());
+        decode_piece<G, KK, KV>(qb.data(), P, table + it.b * nb, first[it.b], len[it.b], it.h0, it.h1, it.j0, it.j1,
+                                s.data(), ksc.data(), vsc.data(), kzp.data(), vzp.data(), m.data(), l.data(), acc.data());
         if (it.part < 0) {
           TQ* o = out + (it.b * H + it.h0) * G * D;
           for (int64_t r = 0; r < nh * G; ++r) write_out(o + r * D, acc.data() + r * nd, l[r] > 0.f ? 1.f / l[r] : 0.f);
@@ -357,9 +384,10 @@ static void decode(const TQ* q, const Pool& P, const int64_t* table, const int64
   });
 }
 
-// q [B, H, G, D] float32 or bfloat16 (not scaled); codes [N, bs, H, Dc] (1 byte each), scales [N, bs, H]
-// float16; block_table [B, nb] int64; lens, begins [B] int64: request b sees keys [begins[b], lens[b]).
-// kind: 0 int8, 1 int4, 2 fp8 e4m3, 3 fp8 e5m2.
+// q [B, H, G, D] float32 or bfloat16 (not scaled); codes [N, bs, H, Dc] (1 byte each; K's Dc and V's may
+// differ), scales [N, bs, H] float16 (scale words); block_table [B, nb] int64; lens, begins [B] int64:
+// request b sees keys [begins[b], lens[b]). kind, the format: 0 int8, 1 int4 (q5 keys, q4 values),
+// 2 fp8 e4m3, 3 fp8 e5m2.
 // D a multiple of 16 up to 512, G from 1 to 8. Returns [B, H, G, D] in q's dtype.
 torch::Tensor paged_decode_quant(torch::Tensor q, torch::Tensor k_codes, torch::Tensor k_scales, torch::Tensor v_codes,
                                  torch::Tensor v_scales, torch::Tensor block_table, torch::Tensor lens,
@@ -369,10 +397,11 @@ torch::Tensor paged_decode_quant(torch::Tensor q, torch::Tensor k_codes, torch::
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3);
   TORCH_CHECK(D % 16 == 0 && D <= 512 && G >= 1 && G <= 8, "head_dim a multiple of 16 up to 512, 1 to 8 query heads per KV head");
   TORCH_CHECK(kind >= 0 && kind <= 3, "kind: 0 int8, 1 int4, 2 fp8_e4m3, 3 fp8_e5m2");
-  const int64_t Dc = kind == INT4 ? D / 2 : D;
-  for (const auto& c : {k_codes, v_codes})
-    TORCH_CHECK(c.is_contiguous() && c.dim() == 4 && c.element_size() == 1 && c.size(2) == H && c.size(3) == Dc
-                && c.sizes() == k_codes.sizes(), "k/v codes: contiguous one-byte [N, bs, H, Dc]");
+  const int64_t kDc = kind == 1 ? D / 2 + D / 8 : D, vDc = kind == 1 ? D / 2 : D;
+  for (const auto& [c, dc] : {std::pair{k_codes, kDc}, std::pair{v_codes, vDc}})
+    TORCH_CHECK(c.is_contiguous() && c.dim() == 4 && c.element_size() == 1 && c.size(2) == H && c.size(3) == dc
+                && c.size(0) == k_codes.size(0) && c.size(1) == k_codes.size(1),
+                "k/v codes: contiguous one-byte [N, bs, H, Dc]");
   for (const auto& s : {k_scales, v_scales})
     TORCH_CHECK(s.is_contiguous() && s.scalar_type() == torch::kHalf && s.dim() == 3 && s.size(0) == k_codes.size(0)
                 && s.size(1) == k_codes.size(1) && s.size(2) == H, "k/v scales: contiguous float16 [N, bs, H]");
@@ -385,63 +414,88 @@ torch::Tensor paged_decode_quant(torch::Tensor q, torch::Tensor k_codes, torch::
   auto out = torch::empty_like(q);
   const Pool P{static_cast<const uint8_t*>(k_codes.data_ptr()), static_cast<const uint8_t*>(v_codes.data_ptr()),
                static_cast<const uint16_t*>(k_scales.data_ptr()), static_cast<const uint16_t*>(v_scales.data_ptr()),
-               H, D, k_codes.size(1), Dc};
+               H, D, k_codes.size(1), kDc, vDc};
   pybind11::gil_scoped_release no_gil;
-  auto with_q = [&](auto kc) {
-    constexpr int K = decltype(kc)::value;
+  auto with_q = [&](auto kc, auto vc) {
+    constexpr int KK = decltype(kc)::value, KV = decltype(vc)::value;
     auto run = [&](auto g) {
       constexpr int GG = decltype(g)::value;
       if (q.scalar_type() == torch::kFloat)
-        decode<GG, K, float>(q.data_ptr<float>(), P, table.data_ptr<int64_t>(), bg.data_ptr<int64_t>(), n.data_ptr<int64_t>(), out.data_ptr<float>(),
+        decode<GG, KK, KV, float>(q.data_ptr<float>(), P, table.data_ptr<int64_t>(), bg.data_ptr<int64_t>(), n.data_ptr<int64_t>(), out.data_ptr<float>(),
                              B, table.size(1), (float)sm_scale);
       else
-        decode<GG, K, c10::BFloat16>(q.data_ptr<c10::BFloat16>(), P, table.data_ptr<int64_t>(), bg.data_ptr<int64_t>(), n.data_ptr<int64_t>(),
+        decode<GG, KK, KV, c10::BFloat16>(q.data_ptr<c10::BFloat16>(), P, table.data_ptr<int64_t>(), bg.data_ptr<int64_t>(), n.data_ptr<int64_t>(),
                                      out.data_ptr<c10::BFloat16>(), B, table.size(1), (float)sm_scale);
     };
     with_group(G, run);
   };
+  using std::integral_constant;
   switch (kind) {
-    case INT8: with_q(std::integral_constant<int, INT8>{}); break;
-    case INT4: with_q(std::integral_constant<int, INT4>{}); break;
-    case E4M3: with_q(std::integral_constant<int, E4M3>{}); break;
-    default: with_q(std::integral_constant<int, E5M2>{}); break;
+    case 0: with_q(integral_constant<int, INT8>{}, integral_constant<int, INT8>{}); break;
+    case 1: with_q(integral_constant<int, Q5>{}, integral_constant<int, Q4>{}); break;
+    case 2: with_q(integral_constant<int, E4M3>{}, integral_constant<int, E4M3>{}); break;
+    default: with_q(integral_constant<int, E5M2>{}, integral_constant<int, E5M2>{}); break;
   }
   return out;
 }
 
 // ---- the write: quantize new tokens' K or V rows and store them at their slots ----
-// The same arithmetic as kv.quant.quantize, so that both give the same bytes (tested): fp32 absmax,
-// scale = absmax / qmax rounded to float16 and then up one step if rounding went down, y = x / scale
-// clamped to +-qmax, then round-half-even (int8, int4) or c10's float8 conversion (fp8). One call per
-// layer for K or V instead of ~20 PyTorch ops: at batch 1 those dominated a quantized decode step.
+// The same arithmetic as kv.quant.quantize, so that both give the same bytes (tested). Symmetric codecs:
+// fp32 absmax, scale = absmax / qmax rounded to float16 and then up one step if rounding went down,
+// y = x / scale clamped to +-qmax, then round-half-even (int8) or c10's float8 conversion (fp8).
+// Asymmetric (q4, q5): lo = min(x, 0), hi = max(x, 0), scale = (hi - lo) / qmax as a float16 with its 5
+// lowest mantissa bits cleared, rounded up; zp = round(-lo / scale); code = round(x / scale) + zp clamped
+// to [0, qmax]; the scale word is the scale's bits | zp. One call per layer for K or V instead of ~20
+// PyTorch ops: at batch 1 those dominated a quantized decode step.
+static inline uint16_t scale_word(float ideal, int clear) {  // float16 bits, ``clear`` low bits 0, rounded up
+  const uint16_t mask = uint16_t(~((1u << clear) - 1u)), top = uint16_t(0x7BFF & mask);
+  uint16_t bits = c10::Half(ideal).x & mask;
+  c10::Half h; h.x = bits;
+  if (static_cast<float>(h) < ideal && bits < top && (bits > 0 || clear > 0)) bits += uint16_t(1u << clear);
+  return bits;
+}
+
 template <typename T>
 static void quantize_rows(const T* x, uint8_t* codes, uint16_t* scales, const int64_t* slots, int64_t T_, int64_t H,
-                          int64_t D, int64_t S, int kind, float qmax) {
-  const int64_t Dc = kind == INT4 ? D / 2 : D;
+                          int64_t D, int kind, float qmax) {
+  const int64_t Dc = kind == Q4 ? D / 2 : kind == Q5 ? D / 2 + D / 8 : D;
   at::parallel_for(0, T_ * H, 256, [&](int64_t rb, int64_t re) {
     std::vector<float> y(D);
+    std::vector<int> q(D);
     for (int64_t r = rb; r < re; ++r) {
       const int64_t t = r / H, h = r % H, slot = slots[t];
       const T* row = x + r * D;
-      float amax = 0.f;
-      for (int64_t i = 0; i < D; ++i) { y[i] = static_cast<float>(row[i]); amax = std::max(amax, std::abs(y[i])); }
-      const float ideal = amax / qmax;
-      c10::Half s16(ideal);
-      uint16_t bits = s16.x;
-      if (static_cast<float>(s16) < ideal && bits > 0 && bits < 0x7BFF) ++bits;  // up one float16 step
+      uint8_t* out = codes + (slot * H + h) * Dc;
+      float amax = 0.f, lo = 0.f, hi = 0.f;
+      for (int64_t i = 0; i < D; ++i) {
+        y[i] = static_cast<float>(row[i]);
+        amax = std::max(amax, std::abs(y[i])); lo = std::min(lo, y[i]); hi = std::max(hi, y[i]);
+      }
+      if (kind == Q4 || kind == Q5) {
+        const uint16_t bits = scale_word((hi - lo) / qmax, 5);
+        c10::Half sh; sh.x = bits;
+        const float sf = static_cast<float>(sh), safe = sf > 0.f ? sf : 1.f;
+        const int zp = sf > 0.f ? static_cast<int>(std::min(std::max(std::nearbyint(-lo / safe), 0.f), qmax)) : 0;
+        for (int64_t i = 0; i < D; ++i)
+          q[i] = sf > 0.f ? static_cast<int>(std::min(std::max(std::nearbyint(y[i] / safe) + zp, 0.f), qmax)) : 0;
+        for (int64_t j = 0; j < D / 2; ++j) out[j] = static_cast<uint8_t>((q[2 * j] & 15) | ((q[2 * j + 1] & 15) << 4));
+        if (kind == Q5)
+          for (int64_t c = 0; c < D / 16; ++c)
+            for (int par = 0; par < 2; ++par) {
+              uint8_t byte = 0;
+              for (int k = 0; k < 8; ++k) byte |= uint8_t(((q[16 * c + 2 * k + par] >> 4) & 1) << k);
+              out[D / 2 + 2 * c + par] = byte;
+            }
+        scales[slot * H + h] = uint16_t(bits | zp);
+        continue;
+      }
+      const uint16_t bits = scale_word(amax / qmax, 0);
       c10::Half s; s.x = bits;
       const float sf = static_cast<float>(s);
-      uint8_t* out = codes + (slot * H + h) * Dc;
       scales[slot * H + h] = bits;
       for (int64_t i = 0; i < D; ++i) y[i] = sf > 0.f ? std::min(std::max(y[i] / sf, -qmax), qmax) : 0.f;
       switch (kind) {
         case INT8: for (int64_t i = 0; i < D; ++i) out[i] = static_cast<uint8_t>(static_cast<int8_t>(std::nearbyint(y[i]))); break;
-        case INT4:
-          for (int64_t j = 0; j < Dc; ++j) {
-            const int lo = static_cast<int>(std::nearbyint(y[2 * j])) + 8, hi = static_cast<int>(std::nearbyint(y[2 * j + 1])) + 8;
-            out[j] = static_cast<uint8_t>(lo | (hi << 4));
-          }
-          break;
         case E4M3: for (int64_t i = 0; i < D; ++i) out[i] = c10::Float8_e4m3fn(y[i]).x; break;
         default: for (int64_t i = 0; i < D; ++i) out[i] = c10::Float8_e5m2(y[i]).x; break;
       }
@@ -450,14 +504,15 @@ static void quantize_rows(const T* x, uint8_t* codes, uint16_t* scales, const in
 }
 
 // x [T, H, D] float32 or bfloat16; codes [S, H, Dc] one-byte, contiguous (one layer's K or V pool); scales
-// [S, H] float16; slots [T] int64 < S. kind, qmax: the format (0 int8, 1 int4, 2 fp8 e4m3, 3 fp8 e5m2).
+// [S, H] float16; slots [T] int64 < S. kind, qmax: the row codec (0 int8, 1 q4, 2 fp8 e4m3, 3 fp8 e5m2, 4 q5).
 void quantize_write(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor slots, int64_t kind,
                     double qmax) {
   TORCH_CHECK(x.is_contiguous() && x.dim() == 3 && (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
               "x: contiguous float32 or bfloat16 [T, H, D]");
-  TORCH_CHECK(kind >= 0 && kind <= 3, "kind: 0 int8, 1 int4, 2 fp8_e4m3, 3 fp8_e5m2");
-  const int64_t T_ = x.size(0), H = x.size(1), D = x.size(2), Dc = kind == INT4 ? D / 2 : D;
-  TORCH_CHECK(D % 2 == 0 && codes.is_contiguous() && codes.element_size() == 1 && codes.dim() == 3 && codes.size(1) == H
+  TORCH_CHECK(kind >= 0 && kind <= 4, "kind: 0 int8, 1 q4, 2 fp8_e4m3, 3 fp8_e5m2, 4 q5");
+  const int64_t T_ = x.size(0), H = x.size(1), D = x.size(2);
+  const int64_t Dc = kind == Q4 ? D / 2 : kind == Q5 ? D / 2 + D / 8 : D;
+  TORCH_CHECK(D % 16 == 0 && codes.is_contiguous() && codes.element_size() == 1 && codes.dim() == 3 && codes.size(1) == H
               && codes.size(2) == Dc, "codes: contiguous one-byte [S, H, Dc]");
   TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == torch::kHalf && scales.dim() == 2
               && scales.size(0) == codes.size(0) && scales.size(1) == H, "scales: contiguous float16 [S, H]");
@@ -470,9 +525,9 @@ void quantize_write(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
   auto* scp = static_cast<uint16_t*>(scales.data_ptr());
   pybind11::gil_scoped_release no_gil;
   if (x.scalar_type() == torch::kFloat)
-    quantize_rows(x.data_ptr<float>(), cp, scp, sp, T_, H, D, S, (int)kind, (float)qmax);
+    quantize_rows(x.data_ptr<float>(), cp, scp, sp, T_, H, D, (int)kind, (float)qmax);
   else
-    quantize_rows(x.data_ptr<c10::BFloat16>(), cp, scp, sp, T_, H, D, S, (int)kind, (float)qmax);
+    quantize_rows(x.data_ptr<c10::BFloat16>(), cp, scp, sp, T_, H, D, (int)kind, (float)qmax);
 }
 """
 
@@ -494,7 +549,12 @@ def available() -> bool:
 def supports_quant(head_dim: int, group: int, kind: str) -> bool:
     """Whether the kernel takes this shape and format (head_dim in 16-value chunks up to 512, 1 to 8
     query heads per KV head) and has been built."""
-    return kind in KINDS and head_dim % 16 == 0 and head_dim <= 512 and 1 <= group <= 8 and available()
+    return kind in FORMATS and head_dim % 16 == 0 and head_dim <= 512 and 1 <= group <= 8 and available()
+
+
+def _check_codes(codes: torch.Tensor, c, what: str) -> None:
+    if codes.dtype != c.code_dtype:
+        raise TypeError(f"{what}: {c.name} codes are {c.code_dtype}, got {codes.dtype}")
 
 
 def paged_decode_quant(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor,
@@ -502,16 +562,16 @@ def paged_decode_quant(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.T
                        begins: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention for q ``[B, Hkv, G, D]`` (fp32 or bf16) over each request's first ``lens[b]``
     cached tokens, read through ``block_table [B, n]`` from one layer's quantized pool: codes
-    ``[num_blocks, block_size, Hkv, Dc]``, scales ``[num_blocks, block_size, Hkv]`` float16.
-    Returns ``[B, Hkv, G, D]`` in q's dtype. ``kind`` must match the codes' dtype. ``begins[b]``: the
-    first key request b sees (a sliding window; None: 0)."""
+    ``[num_blocks, block_size, Hkv, Dc]``, scales ``[num_blocks, block_size, Hkv]`` float16, in format
+    ``kind``. Returns ``[B, Hkv, G, D]`` in q's dtype. ``begins[b]``: the first key request b sees (a
+    sliding window; None: 0)."""
     fmt = kv_quant(kind)
-    if k_codes.dtype != fmt.code_dtype or v_codes.dtype != fmt.code_dtype:
-        raise TypeError(f"{kind} codes are {fmt.code_dtype}, got {k_codes.dtype} / {v_codes.dtype}")
+    _check_codes(k_codes, fmt.key, "keys")
+    _check_codes(v_codes, fmt.value, "values")
     if begins is None:
         begins = torch.zeros_like(lens)
     return _load().paged_decode_quant(q.contiguous(), k_codes, k_scales, v_codes, v_scales, block_table, lens,
-                                      begins, KINDS.index(fmt.name), q.shape[-1] ** -0.5)
+                                      begins, FORMATS.index(fmt.name), q.shape[-1] ** -0.5)
 
 
 def paged_decode_quant_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor,
@@ -520,9 +580,8 @@ def paged_decode_quant_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scale
     """The same in plain PyTorch (any device): gather the blocks, dequantize them to fp32, mask outside
     [begins, lens), softmax; as ``cpu_kernels.paged_decode_reference`` on the dequantized pool."""
     fmt = kv_quant(kind)
-    assert k_codes.dtype == fmt.code_dtype and v_codes.dtype == fmt.code_dtype, (kind, k_codes.dtype)
-    k = dequantize(k_codes[block_table], k_scales[block_table]).flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
-    v = dequantize(v_codes[block_table], v_scales[block_table]).flatten(1, 2).transpose(1, 2)
+    k = dequantize(k_codes[block_table], k_scales[block_table], fmt.key).flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+    v = dequantize(v_codes[block_table], v_scales[block_table], fmt.value).flatten(1, 2).transpose(1, 2)
     keys = torch.arange(k.shape[2], device=q.device)[None, :]
     visible = keys < lens[:, None]
     if begins is not None:
@@ -531,11 +590,11 @@ def paged_decode_quant_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scale
     return out.to(q.dtype)
 
 
-def quantize_write(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, kind: str) -> None:
-    """Quantize ``x [T, Hkv, D]`` (fp32 or bf16) and store codes and scales at ``slots`` of one layer's
-    pool: codes ``[num_slots, Hkv, Dc]``, scales ``[num_slots, Hkv]``. The bytes of ``kv.quant.quantize``
-    followed by an index_copy, in one call."""
-    fmt = kv_quant(kind)
-    if codes.dtype != fmt.code_dtype:
-        raise TypeError(f"{kind} codes are {fmt.code_dtype}, got {codes.dtype}")
-    _load().quantize_write(x.contiguous(), codes, scales, slots, KINDS.index(fmt.name), fmt.qmax)
+def quantize_write(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor,
+                   kind: str | RowCodec) -> None:
+    """Quantize ``x [T, Hkv, D]`` (fp32 or bf16) with row codec ``kind`` and store codes and scales at
+    ``slots`` of one layer's K or V pool: codes ``[num_slots, Hkv, Dc]``, scales ``[num_slots, Hkv]``.
+    The bytes of ``kv.quant.quantize`` followed by an index_copy, in one call."""
+    c = codec(kind)
+    _check_codes(codes, c, "quantize_write")
+    _load().quantize_write(x.contiguous(), codes, scales, slots, CODEC_IDS[c.name], c.qmax)
