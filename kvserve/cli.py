@@ -481,8 +481,11 @@ def estimate(model: str, seq_len: int | None, batch: int, dtype: str = "float32"
         "num_kv_heads": spec.num_kv_heads,
         "head_dim": spec.head_dim,
         "dtype": spec.storage_name,  # of the KV cache
-        # bytes per stored value (int4: 0.5), and per token and KV head of K (or V) for its scale
-        "dtype_bytes": dtype_bytes(kv_dtype) if quant is None else 1 / kv_quant(quant).values_per_byte,
+        # bytes per stored value of K and of V (int4: 0.625 for its 5-bit keys, 0.5 for its 4-bit values),
+        # and per token and KV head of K (or V) for its scale word
+        "key_bytes_per_value": dtype_bytes(kv_dtype) if quant is None else kv_quant(quant).key.bits / 8,
+        "value_bytes_per_value": dtype_bytes(kv_dtype) if quant is None else kv_quant(quant).value.bits / 8,
+        "dtype_bytes": dtype_bytes(kv_dtype) if quant is None else (kv_quant(quant).key.bits + kv_quant(quant).value.bits) / 16,
         "scale_bytes": 0 if quant is None else kv_quant(quant).scale_dtype.itemsize,
         "seq_len": seq_len,
         "batch": batch,
@@ -535,8 +538,15 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     L, H, D, nb, sb = e["num_layers"], e["num_kv_heads"], e["head_dim"], e["dtype_bytes"], e["scale_bytes"]
     S, B, bpt = e["seq_len"], e["batch"], e["bytes_per_token"]
     mem = format_bytes(e["memory_bytes"])
+    kb, vb = e["key_bytes_per_value"], e["value_bytes_per_value"]
     nb = f"{nb:g}"
-    if sb:  # quantized: each token's K (and V) row of each KV head carries one scale
+    two = "2 * "
+    if sb and kb != vb:  # K and V stored in different codecs (int4: 5-bit keys, 4-bit values)
+        formula = ("layers * kv_heads * ((head_dim * K bytes + scale bytes) + (head_dim * V bytes + scale bytes))"
+                   " * seq * batch")
+        per = f"(({D} * {kb:g} + {sb}) + ({D} * {vb:g} + {sb}))"
+        full, two = f"{per} * {S} * {B}", ""
+    elif sb:  # quantized: each token's K (and V) row of each KV head carries one scale
         formula = "2 (K and V) * layers * kv_heads * (head_dim * bytes + scale bytes) * seq * batch"
         full, per = f"({D} * {nb} + {sb}) * {S} * {B}", f"({D} * {nb} + {sb})"
     else:
@@ -548,13 +558,14 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         full = full.replace(f"* {S} *", "* ({} * {} + {} * {}) *".format(L - Ls, S, Ls, min(S, W)))
         layers = "1"
     out = [
-        f"model {e['model']}: {L} layers, {H} KV heads, head_dim {D}, KV dtype {e['dtype']} ({nb} bytes per value"
+        f"model {e['model']}: {L} layers, {H} KV heads, head_dim {D}, KV dtype {e['dtype']} ("
+        + (f"{nb} bytes per value" if kb == vb else f"keys {kb:g}, values {vb:g} bytes per value")
         + (f", one {sb}-byte scale per token and KV head)" if sb else ")")
         + (f"; {Ls} of the layers attend to a sliding window of {W} tokens and keep only those" if W else ""),
         "",
         f"KV cache, the formula: {formula}",
-        f"  2 * {layers} * {H} * {full} = {e['formula_bytes']:,} bytes = {format_bytes(e['formula_bytes'])}",
-        f"  per token: 2 * {L} * {H} * {per} = {bpt:,} bytes = {format_bytes(bpt)}"
+        f"  {two}{layers} * {H} * {full} = {e['formula_bytes']:,} bytes = {format_bytes(e['formula_bytes'])}",
+        f"  per token: {two}{L} * {H} * {per} = {bpt:,} bytes = {format_bytes(bpt)}"
         + (" (a sliding layer's token only while in its window)" if W else ""),
         "",
     ]

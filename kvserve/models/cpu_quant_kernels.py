@@ -3,19 +3,23 @@
 The same computation as ``cpu_kernels.paged_decode`` (one query token per request, online softmax one
 block of keys at a time, following the block table), over the formats of ``kvserve.kv.quant``:
 
-    codes  [num_blocks, block_size, Hkv, Dc]  int8 | uint8 (int4, two per byte) | float8_e4m3fn | float8_e5m2
-    scales [num_blocks, block_size, Hkv]      float16, one per token and KV head
+    codes  [num_blocks, block_size, Hkv, Dc]  int8 | uint8 (q4 / q5) | float8_e4m3fn | float8_e5m2
+    scales [num_blocks, block_size, Hkv]      16-bit scale words, one per token and KV head
 
-    s_t  = (q_g . code(k_t)) * k_scale_t * softmax_scale
-    acc += e^(s_t - m) * v_scale_t * code(v_t)         (the V scale rides on the softmax weight)
+    s_t  = (q_g . (code(k_t) - zp_t)) * k_scale_t * softmax_scale
+    acc += e^(s_t - m) * v_scale_t * (code(v_t) - zp_t)     (the V scale rides on the softmax weight)
 
-No dequantized copy is ever made: each 16-value chunk of a row becomes two 8-float vectors in registers
-and is used for all G query heads of the group at once. The per-format decoding:
+K and V may use different row codecs (int4: q5 keys, q4 values), each a template parameter. No
+dequantized copy is ever made: each 16-value chunk of a row becomes two 8-float vectors in registers
+and is used for all G query heads of the group at once. The per-codec decoding:
 
     int8   sign-extend, convert                                    (exact)
-    int4   byte & 15, byte >> 4, minus 8, convert: the low nibbles are the even elements and the high
-           nibbles the odd ones, so the kernel works on head rows permuted to [evens | odds] per 16
-           values: q is permuted once when it is loaded, the output un-permuted when it is stored
+    q4     byte & 15, byte >> 4, minus the row's zero point, convert: the low nibbles are the even
+           elements and the high nibbles the odd ones, so the kernel works on head rows permuted to
+           [evens | odds] per 16 values: q is permuted once when it is loaded, the output un-permuted
+           when it is stored
+    q5     q4's nibbles OR the fifth bits (one byte for the 8 even elements of a chunk, one for the odd:
+           the same order), minus the zero point
     e5m2   the top byte of a float16: shift left by 8, then the float16 -> float32 instruction (F16C)
     e4m3   sign | exponent | mantissa shifted into float16's fields: a float16 worth value * 2^-8
            (its exponent bias is 15, e4m3's 7; subnormals land on float16 subnormals, exact); the

@@ -14,12 +14,12 @@ from tests.conftest import PROMPTS, make_llm
 
 QUANT = ["int8", "fp8_e4m3", "fp8_e5m2", "int4"]
 # Teacher-forced top-1 agreement with the fp32 cache, and the perplexity ratio allowed. Measured on this
-# text (one scale per token and KV head; int4 and fp8 Hadamard-rotated): int8 0.983 / +0.27 %, fp8_e4m3
-# 0.972 / -0.29 %, fp8_e5m2 0.942 / +2.6 %, int4 0.822 / +12.7 %. int8 and fp8_e4m3 meet the issue's
-# 97 %; int4 does not reach its 90 % (SmolLM2's keys have outlier channels that one scale per row serves
-# badly in 4 bits: see docs/kv_quantization.md), so its bounds here only guard against getting worse.
-MIN_AGREEMENT = {"int8": 0.97, "fp8_e4m3": 0.97, "fp8_e5m2": 0.92, "int4": 0.78}
-MAX_PPL_RATIO = {"int8": 1.005, "fp8_e4m3": 1.01, "fp8_e5m2": 1.04, "int4": 1.17}
+# text (one scale word per token and KV head; int4 and fp8 Hadamard-rotated): int8 0.983 / +0.27 %,
+# fp8_e4m3 0.972 / -0.29 %, fp8_e5m2 0.942 / +2.6 %, int4 (q5 keys, q4 values) 0.934 / +1.9 % (decode
+# 0.958). int8, fp8_e4m3 and int4 are held to the issue's bars (97 %, 97 %, 90 %; perplexity +0.5 %,
+# +1 %, +3 %); fp8_e5m2 has none, so its bounds only guard against getting worse.
+MIN_AGREEMENT = {"int8": 0.97, "fp8_e4m3": 0.97, "fp8_e5m2": 0.92, "int4": 0.90}
+MAX_PPL_RATIO = {"int8": 1.005, "fp8_e4m3": 1.01, "fp8_e5m2": 1.04, "int4": 1.03}
 N_TOKENS = 640  # of pydoc_data.topics, scored in 64-token chunks: most reads come from the cache
 
 
@@ -116,10 +116,8 @@ def test_decode_kernel_equals_dequantize_then_sdpa_in_the_engine(kind, monkeypat
             gaps = [abs(lp[x] - lp[y]) if x in lp and y in lp else float("inf") for lp in (a.logprobs[same], b.logprobs[same])]
             assert max(gaps) < 0.01, (kind, same, gaps)
         diffs = [abs(la[t] - lb[t]) for t, la, lb in zip(a.token_ids[:same], a.logprobs, b.logprobs)]
-        # diffs[0]: the prefill's token, no decode yet. int4's code step is 1/7 of a row's absmax, so one
-        # flip moves more (its first step observed at up to 7e-3)
-        first, early = (2e-2, 0.15) if kind == "int4" else (1e-3, 0.05)
-        assert diffs[1] < first and max(diffs[:8]) < early, diffs
+        # diffs[0]: the prefill's token, no decode yet
+        assert diffs[1] < 1e-3 and max(diffs[:8]) < 0.05, diffs
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
@@ -148,8 +146,9 @@ def test_estimate_equals_the_bytes_allocated(kind):
     est = estimate("smollm2-135m", seq_len=512, batch=4, dtype="float32", kv_cache="paged", kv_cache_dtype=kind)
     assert est["allocated_bytes"] == llm.engine.kv_cache.nbytes
     # codes + one fp16 scale per token and KV head, for K and V, over 30 layers and 3 KV heads
-    row = {"int8": 64 + 2, "int4": 32 + 2, "fp8": 64 + 2}[kind]
-    assert est["bytes_per_token"] == llm.engine.kv_spec.bytes_per_token == 2 * 30 * 3 * row
+    # (int4: K in q5, 40 bytes of codes, and V in q4, 32; each row with its 2-byte scale word)
+    k_and_v = {"int8": 2 * (64 + 2), "int4": (40 + 2) + (32 + 2), "fp8": 2 * (64 + 2)}[kind]
+    assert est["bytes_per_token"] == llm.engine.kv_spec.bytes_per_token == 30 * 3 * k_and_v
     assert llm.cache_stats()["kv_cache_dtype"] == ("fp8_e4m3" if kind == "fp8" else kind)
 
 
@@ -157,7 +156,7 @@ def test_same_memory_holds_more_blocks():
     blocks = {kind: make_llm(kv_cache_dtype=kind, kv_cache_memory="64MiB", dtype="bfloat16").engine.kv_cache.num_blocks
               for kind in ("auto", "int8", "int4")}
     assert blocks["int8"] / blocks["auto"] == pytest.approx(128 / 66, rel=0.01)
-    assert blocks["int4"] / blocks["auto"] == pytest.approx(128 / 34, rel=0.01)
+    assert blocks["int4"] / blocks["auto"] == pytest.approx(256 / 76, rel=0.01)
 
 
 def test_unknown_kv_cache_dtype_lists_the_choices():

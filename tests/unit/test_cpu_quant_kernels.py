@@ -1,4 +1,4 @@
-"""The C++ decode kernel over a quantized paged pool (int8, int4, fp8) against dequantize-then-SDPA
+"""The C++ decode kernel over a quantized paged pool (int8, int4 = q5 keys + q4 values, fp8) against dequantize-then-SDPA
 (random pools, no model). Both see the same codes and scales, so they differ only by float summation
 order and the kernel's exp: the tolerance is the unquantized kernel's."""
 import os
@@ -6,9 +6,10 @@ import os
 import pytest
 import torch
 
-from kvserve.kv.quant import quantize
+from kvserve.kv.quant import CODECS, kv_quant, quantize
 from kvserve.models import cpu_quant_kernels
-from kvserve.models.cpu_quant_kernels import KINDS, paged_decode_quant, paged_decode_quant_reference
+from kvserve.models.cpu_quant_kernels import FORMATS as KINDS
+from kvserve.models.cpu_quant_kernels import paged_decode_quant, paged_decode_quant_reference
 
 pytestmark = pytest.mark.skipif(os.environ.get("KVSERVE_CPU_KERNELS") == "0", reason="CPU kernels turned off")
 
@@ -19,8 +20,8 @@ def quant_case(seed: int, kind: str, B: int, Hkv: int, G: int, D: int, bs: int, 
     # keys with a few large channels (as real keys have), values plain
     k = torch.randn(num_blocks, bs, Hkv, D, generator=g) * (1 + 4 * (torch.rand(D, generator=g) > 0.9))
     v = torch.randn(num_blocks, bs, Hkv, D, generator=g)
-    kc, ks = quantize(k, kind)
-    vc, vs = quantize(v, kind)
+    kc, ks = quantize(k, kv_quant(kind).key)
+    vc, vs = quantize(v, kv_quant(kind).value)
     lens = torch.randint(1, 6 * bs, (B,), generator=g)
     lens[0] = 6 * bs  # one request fills its last block exactly
     n = int(-(-lens.max() // bs))
@@ -77,15 +78,15 @@ def test_stale_codes_past_the_length_are_ignored(kind):
 
 def test_wrong_code_dtype_is_refused():
     q, kc, ks, vc, vs, table, lens = quant_case(1, "int8", 2, 3, 3, 64, 16)
-    with pytest.raises(TypeError, match="int4 codes are torch.uint8"):
+    with pytest.raises(TypeError, match="q5 codes are torch.uint8"):
         paged_decode_quant(q, kc, ks, vc, vs, table, lens, "int4")
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", list(CODECS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantize_write_gives_the_bytes_of_quantize(kind, dtype):
     """The C++ write (one call per layer) stores exactly what kv.quant.quantize + index_copy store:
-    same codes, same float16 scales, at the given slots only; zero rows, tiny rows and outliers too."""
+    same codes, same scale words, at the given slots only; zero rows, tiny rows and outliers too."""
     g = torch.Generator().manual_seed(7)
     T, H, D, S = 37, 3, 64, 100
     x = (torch.randn(T, H, D, generator=g) * torch.rand(T, H, 1, generator=g) * 5)
@@ -99,7 +100,7 @@ def test_quantize_write_gives_the_bytes_of_quantize(kind, dtype):
     slots = torch.randperm(S, generator=g)[:T]
     cpu_quant_kernels.quantize_write(x, codes, scales, slots, kind)
     assert torch.equal(codes[slots].view(torch.uint8), fmt_codes.view(torch.uint8))
-    assert torch.equal(scales[slots], fmt_scales)
+    assert torch.equal(scales[slots].view(torch.int16), fmt_scales.view(torch.int16))
     untouched = torch.ones(S, dtype=torch.bool)
     untouched[slots] = False
     assert not codes[untouched].view(torch.uint8).any() and not scales[untouched].any()
