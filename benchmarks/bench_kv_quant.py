@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS_DIR, command_line, cpu_info, fmt, format_cpu_info, format_table, median,  # noqa: E402
-                    now_iso, pyplot, save_json, settings_of)
+from common import (LLAMA_NO_EXTRA_BUFTS, RESULTS_DIR, command_line, cpu_info, fmt, format_cpu_info,  # noqa: E402
+                    format_table, llama_extra_bufts_work, median, now_iso, pyplot, save_json, settings_of)
 
 from kvserve import LLM, SamplingParams  # noqa: E402
 from kvserve.models.loader import resolve_model  # noqa: E402
@@ -154,13 +154,15 @@ print(json.dumps(out))
 """
 
 
-def run_llama(name: str, ids: list[int], args) -> dict | None:
+def run_llama(name: str, ids: list[int], args, prelude: str = "") -> dict | None:
+    """llama.cpp with KV type ``name`` in its own venv; ``prelude``: code run before the worker (turning
+    off the extra buffer types where they crash)."""
     cfg = {"gguf": str(resolve_model(args.model).path), "ids": ids[: max(args.ppl_tokens, 4096 + 8)],
            "type": LLAMA_TYPES[name], "window": args.window, "ppl_tokens": args.ppl_tokens, "n_batch": 64,
            "threads": torch.get_num_threads(), "contexts": args.contexts, "steps": args.steps,
            "segments": args.segments}
     t0 = time.perf_counter()
-    p = subprocess.run([args.llama_python, "-c", LLAMA_WORKER], input=json.dumps(cfg), capture_output=True,
+    p = subprocess.run([args.llama_python, "-c", prelude + LLAMA_WORKER], input=json.dumps(cfg), capture_output=True,
                        text=True)
     if p.returncode != 0:
         print(f"  llama.cpp {name} failed: {p.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -201,9 +203,15 @@ def main() -> None:
           f"in windows of {args.window}", flush=True)
 
     rows = [run_kvserve(k, ids, args) for k in args.kinds.split(",")]
-    llama_rows = []
+    llama_rows, extra_bufts = [], None
     if Path(args.llama_python).exists():
-        llama_rows = [r for t in args.llama_types.split(",") if (r := run_llama(t, ids, args))]
+        # llama.cpp's AMX buffers crash on some Sapphire Rapids machines (docs/benchmarks.md): probe, and
+        # run without them there
+        extra_bufts = llama_extra_bufts_work(args.llama_python, str(resolve_model(args.model).path))
+        if not extra_bufts:
+            print("  llama.cpp crashes with its extra buffer types (AMX) here: running it without them", flush=True)
+        prelude = "" if extra_bufts else LLAMA_NO_EXTRA_BUFTS
+        llama_rows = [r for t in args.llama_types.split(",") if (r := run_llama(t, ids, args, prelude))]
     else:
         print(f"llama-cpp-python not found at {args.llama_python} (make bench-llama): kvserve only", flush=True)
 
@@ -238,6 +246,7 @@ def main() -> None:
     print(f"\nbenchmark time: {seconds:.0f} s")
     out = save_json(args.out, {"benchmark": "kv_quant", "time": now_iso(), "command": command_line(),
                                "settings": settings_of(args), "cpu": info, "kvserve": rows, "llama_cpp": llama_rows,
+                               "llama_extra_bufts": extra_bufts,
                                "seconds": seconds})
     print(f"JSON: {out}")
     plt = pyplot()
