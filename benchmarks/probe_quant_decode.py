@@ -39,8 +39,8 @@ FORMATS = ("fp32", "bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2")
 
 
 def layer_bytes(fmt: str, B: int, ctx: int, H: int, D: int) -> int:
-    per_head = {"fp32": 4 * D, "bf16": 2 * D}.get(fmt) or KV_QUANT.get(fmt).bytes_per_value_and_scale(D)
-    return 2 * B * ctx * H * per_head
+    k_and_v = {"fp32": 8 * D, "bf16": 4 * D}.get(fmt) or KV_QUANT[fmt].bytes_per_token_and_head(D)
+    return B * ctx * H * k_and_v
 
 
 def make_layers(fmt: str, B: int, ctx: int, H: int, D: int, bs: int, L: int, g: torch.Generator):
@@ -57,13 +57,12 @@ def make_layers(fmt: str, B: int, ctx: int, H: int, D: int, bs: int, L: int, g: 
                 t[c : c + 4096] = torch.randn(t[c : c + 4096].shape, generator=g).to(dt)
         return (k, v), perm
     fq = KV_QUANT[fmt]
-    Dc = fq.packed_dim(D)
     pool = []
-    for _ in range(2):
-        codes = hugepages.empty((nblk, bs, H, Dc), fq.code_dtype)
+    for rc in (fq.key, fq.value):  # K's codec, then V's (int4: q5, q4)
+        codes = hugepages.empty((nblk, bs, H, rc.packed_dim(D)), rc.code_dtype)
         scales = hugepages.empty((nblk, bs, H), torch.float16)
         for c in range(0, nblk, 4096):
-            cc, ss = quantize(torch.randn(codes[c : c + 4096].shape[:3] + (D,), generator=g), fmt)
+            cc, ss = quantize(torch.randn(codes[c : c + 4096].shape[:3] + (D,), generator=g), rc)
             codes[c : c + 4096], scales[c : c + 4096] = cc, ss
         pool += [codes, scales]
     return tuple(pool), perm
@@ -161,20 +160,21 @@ def attention_error(layers, n_queries: int = 64, bs: int = 16) -> tuple[dict, di
         vden += float(v.norm() ** 2)
         for f in fmt_names:
             kind = f.split(" ")[0]
+            fq = KV_QUANT[kind]
             if "scale=1" in f:
-                mx = KV_QUANT[kind].qmax
-                enc = lambda x: (x.clamp(-mx, mx).to(KV_QUANT[kind].code_dtype), torch.ones(x.shape[:-1], dtype=torch.float16))  # noqa: E731
+                mx = fq.key.qmax
+                enc = lambda x, rc: (x.clamp(-mx, mx).to(rc.code_dtype), torch.ones(x.shape[:-1], dtype=torch.float16))  # noqa: E731
             else:
-                enc = lambda x: quantize(x, kind)  # noqa: E731
-            kc, ks = enc(kb)
-            vc, vs = enc(vb)
+                enc = quantize
+            kc, ks = enc(kb, fq.key)
+            vc, vs = enc(vb, fq.value)
             if cpu_quant_kernels.supports_quant(D, G, kind):
                 out = cpu_quant_kernels.paged_decode_quant(qq, kc, ks, vc, vs, table, lens, kind)
             else:
                 out = cpu_quant_kernels.paged_decode_quant_reference(qq, kc, ks, vc, vs, table, lens, kind)
             num[f] += float((out - ref).norm() ** 2)
-            kv_err[f][0] += float((dequantize(kc, ks) - kb).norm() ** 2)
-            kv_err[f][1] += float((dequantize(vc, vs) - vb).norm() ** 2)
+            kv_err[f][0] += float((dequantize(kc, ks, fq.key) - kb).norm() ** 2)
+            kv_err[f][1] += float((dequantize(vc, vs, fq.value) - vb).norm() ** 2)
     rel = {f: math.sqrt(num[f] / den) for f in fmt_names}
     kv = {f: (math.sqrt(kv_err[f][0] / kden), math.sqrt(kv_err[f][1] / vden)) for f in fmt_names}
     return rel, kv
