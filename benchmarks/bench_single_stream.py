@@ -47,8 +47,20 @@ BYTES_PER_WEIGHT = {
     "bf16": (2.0, 2.0), "fp32": (4.0, 4.0),
     "int8": (1.0, 1.0), "w8a8": (1.0, 1.0),  # + one scale per row: negligible
     "int4": (0.5 + 4 / 32, 1.0),  # 4 bits + a 16-bit scale and zero per 32 weights; LM head int8
-    "llama.cpp": (20 / 32, 34 / 32),  # Q4_1: 16 bytes of codes + fp16 d and m per 32; Q8_0: 32 + fp16 d
+    # llama.cpp: the GGUF's own bytes (gguf_matrix_bytes): for SmolLM2 Q4_1 layers (16 bytes of codes + fp16
+    # d and m per 32) and a Q8_0 head (32 + fp16 d)
 }
+
+
+def gguf_matrix_bytes(path: str) -> tuple[int, int]:
+    """(bytes of the layers' matrices, bytes of the LM head) as stored in a GGUF file: what llama.cpp reads
+    per decode step. The head is ``output.weight``, or the tied ``token_embd.weight``."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    layers = sum(int(t.n_bytes) for name, t in tensors.items() if name.startswith("blk.") and len(t.shape) == 2)
+    head = tensors.get("output.weight") or tensors["token_embd.weight"]
+    return layers, int(head.n_bytes)
 
 
 def read_bandwidth_gbs() -> float:
@@ -189,10 +201,12 @@ def run_hf(dtype: torch.dtype, prompts: dict[int, list[int]], new: int, repeats:
 
 
 def main() -> None:
+    global MODEL  # --model: the functions above read it
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kvserve", default="default,none,fp32,int8,w8a8,int4",
                     help="kvserve weight settings: default (quantization='auto', what make run uses), none (the "
                          "model dtype), fp32, or a quantization")
+    ap.add_argument("--model", default=MODEL, help="a GGUF model llama.cpp can read too (smollm2-135m, gemma3-270m)")
     ap.add_argument("--prompt-lens", default="128,1024")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
@@ -200,6 +214,7 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--out", default=str(RESULTS_DIR / "single_stream.json"))
     args = ap.parse_args()
+    MODEL = args.model
     info = cpu_info()
     print(format_cpu_info(info), flush=True)
     bw = read_bandwidth_gbs()
@@ -236,9 +251,11 @@ def main() -> None:
     rows = []
     for name, res in results.items():
         kind = res.get("weights") or default_kind  # HF: the default dtype
-        kind = "llama.cpp" if name.startswith("llama.cpp") else kind
-        per_layer, per_head = BYTES_PER_WEIGHT[kind]
-        wbytes = layer_params * per_layer + head_params * per_head
+        if name.startswith("llama.cpp"):
+            wbytes = sum(gguf_matrix_bytes(str(resolve_model(MODEL).path)))
+        else:
+            per_layer, per_head = BYTES_PER_WEIGHT[kind]
+            wbytes = layer_params * per_layer + head_params * per_head
         for n in prompts:
             r = res[n]
             r["weight_bytes_per_token"] = wbytes
@@ -277,7 +294,7 @@ def main() -> None:
             a.set_ylabel(yl)
             a.grid(alpha=0.3, axis="y")
             a.legend(fontsize=8)
-        fig.suptitle(f"SmolLM2-135M, one stream, {torch.get_num_threads()} threads, {info['cpu_model']}")
+        fig.suptitle(f"{MODEL}, one stream, {torch.get_num_threads()} threads, {info['cpu_model']}")
         fig.tight_layout()
         fig.savefig(Path(args.out).with_suffix(".png"))
 
