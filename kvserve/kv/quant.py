@@ -92,12 +92,17 @@ CODECS: dict[str, RowCodec] = {c.name: c for c in (
 )}
 
 
-def codec(kind: str | RowCodec) -> RowCodec:
-    if isinstance(kind, RowCodec):
+def _named(kind, table: dict, what: str):
+    """``kind`` itself, or the entry of ``table`` it names, with a message that lists the choices."""
+    if not isinstance(kind, str):
         return kind
-    if kind not in CODECS:
-        raise ValueError(f"unknown KV row codec {kind!r}; choose one of {sorted(CODECS)}")
-    return CODECS[kind]
+    if kind not in table:
+        raise ValueError(f"unknown {what} {kind!r}; choose one of {sorted(table)}")
+    return table[kind]
+
+
+def codec(kind: str | RowCodec) -> RowCodec:
+    return _named(kind, CODECS, "KV row codec")
 
 
 @dataclass(frozen=True)
@@ -125,12 +130,7 @@ KV_QUANT: dict[str, KVQuant] = {
 
 
 def kv_quant(kind: str | KVQuant) -> KVQuant:
-    """The format named ``kind`` (or ``kind`` itself), with a message that lists the choices."""
-    if isinstance(kind, KVQuant):
-        return kind
-    if kind not in KV_QUANT:
-        raise ValueError(f"unknown KV cache quantization {kind!r}; choose one of {sorted(KV_QUANT)}")
-    return KV_QUANT[kind]
+    return _named(kind, KV_QUANT, "KV cache quantization")
 
 
 def hadamard(n: int) -> torch.Tensor:
