@@ -90,7 +90,9 @@ class Linear:
 
     Int8 weight-only matmul streams a quarter of the fp32 bytes per token: at batch 1 decode is
     bound by reading weights, so this is where the time goes. torch's CPU int8 kernel is fast only
-    with bf16 activations, so x is cast to bf16 for the product and the result cast back.
+    with bf16 activations, so x is cast to bf16 for the product and the result cast back. Like int4's,
+    it costs time per row: past ``INT8_MAX_ROWS`` rows the dequantized weight, kept prepacked in the
+    model dtype on the CPU, does the product (so int8 too is a decode-speed setting, not a memory one).
 
     ``int4`` (CPU): 4-bit codes with a scale and a zero per 32 weights (``int4_pack``), multiplied by
     torch's ``_weight_int4pack_mm_for_cpu``; 5 bits per weight, as GGUF's Q4_1, from which the same
@@ -112,9 +114,13 @@ class Linear:
       overflow (with 8-bit weights every position came out wrong).
     """
 
-    # Above this many rows (prefill, big batches) the int8 product is compute-bound: dequantizing the
-    # weight on the fly and running a plain x.dtype matmul beats the int8 kernel (slow with bf16 on AVX2).
-    INT8_MAX_ROWS = 16
+    # Past this many rows (prefill, batches) the int8 product loses to a plain matmul. torch's int8 kernel,
+    # like its int4 one, costs time per row: on Sapphire Rapids (bf16, prepacked) a 3072 x 576 product takes
+    # 49 / 60 / 88 / 368 us at 1 / 2 / 4 / 16 rows against 64 / 68 / 69 / 83 for bf16, and Gemma 3's 262,144 x 640
+    # head 11.0 / 13.0 / 19.3 / 72.2 ms against 13.9-14.6. On the CPU the dequantized weight is kept, in the
+    # model dtype and prepacked, for those rows (as int4 does); elsewhere (CUDA) it is dequantized per call.
+    INT8_MAX_ROWS = 2
+    INT8_MAX_ROWS_NO_COPY = 16  # CUDA: no copy kept, and dequantizing on every call costs more
     INT4_MAX_ROWS = 4  # measured on Sapphire Rapids: at 4 rows int4 ~ bf16 with the weight in cache, 16: 4x slower
 
     def __init__(self, weight: torch.Tensor, quantization: str | None = None, bias: torch.Tensor | None = None):
@@ -154,6 +160,9 @@ class Linear:
             self.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
             self.act_dtype = torch.bfloat16
             self.scale = scale.to(self.act_dtype).to(weight.device)
+            # the rows past INT8_MAX_ROWS: the same values (as the on-the-fly path computes them), prepacked
+            self.dense = (Linear(self.weight.to(weight.dtype) * self.scale.to(weight.dtype)[:, None])
+                          if weight.device.type == "cpu" else None)
         else:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
 
@@ -177,7 +186,9 @@ class Linear:
                                                                self.weight, INT4_GROUP, sz)
                 if y.dtype != x.dtype:
                     y = y.to(x.dtype)
-        elif x2.shape[0] > self.INT8_MAX_ROWS:
+        elif self.dense is not None and x2.shape[0] > self.INT8_MAX_ROWS:
+            y = self.dense(x2)
+        elif x2.shape[0] > self.INT8_MAX_ROWS_NO_COPY:
             y = F.linear(x2, self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None])
         else:
             y = torch._weight_int8pack_mm(x2.to(self.act_dtype), self.weight, self.scale).to(x.dtype)
