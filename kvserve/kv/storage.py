@@ -97,14 +97,14 @@ class KVCache:
             self.k[j].index_copy_(0, slot_mapping, k)
             self.v[j].index_copy_(0, slot_mapping, v)
             return
-        for x, codes, scales, c in ((k, self.k[j], self.k_scale[j], self.quant.key),
-                                    (v, self.v[j], self.v_scale[j], self.quant.value)):
+        for x, codes, scales, rc in ((k, self.k[j], self.k_scale[j], self.quant.key),
+                                     (v, self.v[j], self.v_scale[j], self.quant.value)):
             if self.rotation is not None:
                 x = x @ self.rotation
             if self._cpp_write:  # the same bytes in one C++ call (the PyTorch path is ~20 small ops)
-                cpu_quant_kernels.quantize_write(x, codes, scales, slot_mapping, c)
+                cpu_quant_kernels.quantize_write(x, codes, scales, slot_mapping, rc)
                 continue
-            c, sc = quantize(x, c)
+            c, sc = quantize(x, rc)
             _raw(codes).index_copy_(0, slot_mapping, _raw(c))
             scales.index_copy_(0, slot_mapping, sc)
 
