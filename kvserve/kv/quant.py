@@ -43,9 +43,10 @@ zero: +2.6 %; with the integer zero point: +1.9 %).
 
 Each scale is rounded *up* to what it can store before the codes are computed, so x / s never leaves
 the code range: every element is within the codec's rounding of its value (int: s / 2; fp8: 2^-4 or
-2^-3 relative, or half the format's subnormal step). A head row of zeros (or one below float16's
-smallest scale) gets scale 0 and codes 0: it dequantizes to zeros, never NaN; so does a freshly zeroed
-block (codes 0, scales 0) in every codec.
+2^-3 relative, or half the format's subnormal step). A head row of zeros (or, in a symmetric codec, one
+below float16's smallest scale; an asymmetric one takes the smallest scale it can store) gets scale 0 and
+codes 0: it dequantizes to zeros, never NaN; so does a freshly zeroed block (codes 0, scales 0) in every
+codec.
 """
 from __future__ import annotations
 
