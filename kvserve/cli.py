@@ -475,6 +475,8 @@ def estimate(model: str, seq_len: int | None, batch: int, dtype: str = "float32"
     num_blocks, bs = plan_kv_pool(spec, cache, sched)
     allocated = num_blocks * spec.block_bytes(bs)
     formula = spec.formula_bytes(seq_len, batch)
+    kb, vb = ((dtype_bytes(kv_dtype),) * 2 if quant is None
+              else (kv_quant(quant).key.bits / 8, kv_quant(quant).value.bits / 8))
     return {
         "model": cfg.name,
         "num_layers": spec.num_layers,
@@ -483,9 +485,9 @@ def estimate(model: str, seq_len: int | None, batch: int, dtype: str = "float32"
         "dtype": spec.storage_name,  # of the KV cache
         # bytes per stored value of K and of V (int4: 0.625 for its 5-bit keys, 0.5 for its 4-bit values),
         # and per token and KV head of K (or V) for its scale word
-        "key_bytes_per_value": dtype_bytes(kv_dtype) if quant is None else kv_quant(quant).key.bits / 8,
-        "value_bytes_per_value": dtype_bytes(kv_dtype) if quant is None else kv_quant(quant).value.bits / 8,
-        "dtype_bytes": dtype_bytes(kv_dtype) if quant is None else (kv_quant(quant).key.bits + kv_quant(quant).value.bits) / 16,
+        "key_bytes_per_value": kb,
+        "value_bytes_per_value": vb,
+        "dtype_bytes": kb if kb == vb else (kb + vb) / 2,
         "scale_bytes": 0 if quant is None else kv_quant(quant).scale_dtype.itemsize,
         "seq_len": seq_len,
         "batch": batch,

@@ -153,6 +153,12 @@ template <> struct Codec<E5M2> {  // e5m2 is the top byte of a float16
   }
 };
 
+// Code bytes per head row of D values (kv.quant.RowCodec.packed_dim): q4 two values a byte, q5 also a
+// fifth bit per value, the 8-bit codecs one byte each.
+static inline int64_t code_bytes(int codec, int64_t D) {
+  return codec == Q4 ? D / 2 : codec == Q5 ? D / 2 + D / 8 : D;
+}
+
 // A token's scale word -> its scale (times the codec's MUL) and zero point.
 template <int K> static inline float scale_of(uint16_t w) {
   return Codec<K>::ASYM ? half_to_f(w & ~ZP_MASK) : half_to_f(w) * Codec<K>::MUL;
@@ -401,7 +407,7 @@ torch::Tensor paged_decode_quant(torch::Tensor q, torch::Tensor k_codes, torch::
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3);
   TORCH_CHECK(D % 16 == 0 && D <= 512 && G >= 1 && G <= 8, "head_dim a multiple of 16 up to 512, 1 to 8 query heads per KV head");
   TORCH_CHECK(kind >= 0 && kind <= 3, "kind: 0 int8, 1 int4, 2 fp8_e4m3, 3 fp8_e5m2");
-  const int64_t kDc = kind == 1 ? D / 2 + D / 8 : D, vDc = kind == 1 ? D / 2 : D;
+  const int64_t kDc = code_bytes(kind == 1 ? Q5 : kind, D), vDc = code_bytes(kind == 1 ? Q4 : kind, D);
   for (const auto& [c, dc] : {std::pair{k_codes, kDc}, std::pair{v_codes, vDc}})
     TORCH_CHECK(c.is_contiguous() && c.dim() == 4 && c.element_size() == 1 && c.size(2) == H && c.size(3) == dc
                 && c.size(0) == k_codes.size(0) && c.size(1) == k_codes.size(1),
@@ -462,7 +468,7 @@ static inline uint16_t scale_word(float ideal, int clear) {  // float16 bits, ``
 template <typename T>
 static void quantize_rows(const T* x, uint8_t* codes, uint16_t* scales, const int64_t* slots, int64_t T_, int64_t H,
                           int64_t D, int kind, float qmax) {
-  const int64_t Dc = kind == Q4 ? D / 2 : kind == Q5 ? D / 2 + D / 8 : D;
+  const int64_t Dc = code_bytes(kind, D);
   at::parallel_for(0, T_ * H, 256, [&](int64_t rb, int64_t re) {
     std::vector<float> y(D);
     std::vector<int> q(D);
@@ -515,7 +521,7 @@ void quantize_write(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
               "x: contiguous float32 or bfloat16 [T, H, D]");
   TORCH_CHECK(kind >= 0 && kind <= 4, "kind: 0 int8, 1 q4, 2 fp8_e4m3, 3 fp8_e5m2, 4 q5");
   const int64_t T_ = x.size(0), H = x.size(1), D = x.size(2);
-  const int64_t Dc = kind == Q4 ? D / 2 : kind == Q5 ? D / 2 + D / 8 : D;
+  const int64_t Dc = code_bytes(int(kind), D);
   TORCH_CHECK(D % 16 == 0 && codes.is_contiguous() && codes.element_size() == 1 && codes.dim() == 3 && codes.size(1) == H
               && codes.size(2) == Dc, "codes: contiguous one-byte [S, H, Dc]");
   TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == torch::kHalf && scales.dim() == 2

@@ -127,6 +127,10 @@ class Linear:
         self.out_features = weight.shape[0]
         self.quantization = quantization
         self.prepacked = False
+        # int4 and int8 on the CPU: the dequantized weight, prepacked in the model dtype, for products of
+        # more than ``dense_rows`` rows, where torch's per-row quantized kernels lose to a plain matmul
+        self.dense: Linear | None = None
+        self.dense_rows = 0
         # [out]: Qwen2's q/k/v biases. Plain weights take it inside the product (oneDNN and F.linear add it
         # in their epilogue); the int8 paths add it to their result.
         if bias is not None and bias.shape != (self.out_features,):
@@ -153,16 +157,16 @@ class Linear:
                 raise ValueError("quantization='int4' runs on the CPU; use 'int8' on CUDA")
             self.weight, scale_zeros, dense = int4_pack(weight)
             self.scale_zeros = scale_zeros.to(weight.dtype)
-            self.dense = Linear(dense.to(weight.dtype))  # the rows past INT4_MAX_ROWS
+            self.dense, self.dense_rows = Linear(dense.to(weight.dtype)), self.INT4_MAX_ROWS
         elif quantization == "int8":
             w = weight.float()
             scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
             self.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
             self.act_dtype = torch.bfloat16
             self.scale = scale.to(self.act_dtype).to(weight.device)
-            # the rows past INT8_MAX_ROWS: the same values (as the on-the-fly path computes them), prepacked
-            self.dense = (Linear(self.weight.to(weight.dtype) * self.scale.to(weight.dtype)[:, None])
-                          if weight.device.type == "cpu" else None)
+            if weight.device.type == "cpu":  # the same values as the on-the-fly path below computes
+                self.dense = Linear(self.weight.to(weight.dtype) * self.scale.to(weight.dtype)[:, None])
+                self.dense_rows = self.INT8_MAX_ROWS
         else:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
 
@@ -174,21 +178,18 @@ class Linear:
         if self.prepacked:
             y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.weight, self.bias, "none", [], "")
             return y.reshape(*shape[:-1], self.out_features)
-        if self.quantization == "w8a8":
+        if self.dense is not None and x2.shape[0] > self.dense_rows:
+            y = self.dense(x2)
+        elif self.quantization == "w8a8":
             row_max = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
             y = torch.ops.quantized.linear_dynamic(x2.float() / row_max, self.weight, False).mul_(row_max).to(x.dtype)
         elif self.quantization == "int4":
-            if x2.shape[0] > self.INT4_MAX_ROWS:
-                y = self.dense(x2)
-            else:
-                sz = self.scale_zeros  # the activations' dtype must match (no-op .to calls cost ~1 us each)
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2 if x2.dtype == sz.dtype else x2.to(sz.dtype),
-                                                               self.weight, INT4_GROUP, sz)
-                if y.dtype != x.dtype:
-                    y = y.to(x.dtype)
-        elif self.dense is not None and x2.shape[0] > self.INT8_MAX_ROWS:
-            y = self.dense(x2)
-        elif x2.shape[0] > self.INT8_MAX_ROWS_NO_COPY:
+            sz = self.scale_zeros  # the activations' dtype must match (no-op .to calls cost ~1 us each)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2 if x2.dtype == sz.dtype else x2.to(sz.dtype),
+                                                           self.weight, INT4_GROUP, sz)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
+        elif x2.shape[0] > self.INT8_MAX_ROWS_NO_COPY:  # CUDA int8: no copy kept
             y = F.linear(x2, self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None])
         else:
             y = torch._weight_int8pack_mm(x2.to(self.act_dtype), self.weight, self.scale).to(x.dtype)
