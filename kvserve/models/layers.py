@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from kvserve.models import cpu_kernels
+from kvserve.models import cpu_kernels, cpu_weight_kernels
 
 
 CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ per-token passes take
@@ -81,18 +81,21 @@ def int4_pack(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tens
 
 
 class Linear:
-    """``y = x @ W.T (+ b)`` with W in the model's dtype, or as int8 with one scale per output row.
+    """``y = x @ W.T (+ b)`` with W in the model's dtype, or quantized (int8, int4, w8a8).
 
     On CPU the plain weight is reordered once, at load, into oneDNN's blocked layout. ``F.linear``
     re-packs the weight inside every call, which costs as much as the product itself for the few rows
     of a decode step: prepacked, 4 rows cost ~1.5x one row instead of ~3x, and the 49,152-row LM head
     runs ~1.7x faster even at one row (measured on the AVX2 machine; see docs/benchmarks.md).
 
-    Int8 weight-only matmul streams a quarter of the fp32 bytes per token: at batch 1 decode is
-    bound by reading weights, so this is where the time goes. torch's CPU int8 kernel is fast only
-    with bf16 activations, so x is cast to bf16 for the product and the result cast back. Like int4's,
-    it costs time per row: past ``INT8_MAX_ROWS`` rows the dequantized weight, kept prepacked in the
-    model dtype on the CPU, does the product (so int8 too is a decode-speed setting, not a memory one).
+    ``int8``: GGUF's Q8_0 layout, int8 codes with a float16 scale per 32 weights (8.5 bits per weight;
+    a Q8_0 tensor's own codes come back exactly). At batch 1 decode is bound by reading weights, so
+    reading 1.06 bytes per weight instead of 2-4 is where the time goes. The product for 1-2 rows is
+    ``cpu_weight_kernels.int8_block_mm`` (C++, fp32 sums; see its docstring for why blocks and not one
+    scale per row: 97.9 % teacher-forced agreement with fp32 instead of 95.9 %). Like int4's, a GEMV
+    costs time per row: past ``INT8_MAX_ROWS`` rows the dequantized weight, kept prepacked in the model
+    dtype on the CPU, does the product (so int8 too is a decode-speed setting, not a memory one). On
+    other devices (CUDA) the weight is dequantized for each product.
 
     ``int4`` (CPU): 4-bit codes with a scale and a zero per 32 weights (``int4_pack``), multiplied by
     torch's ``_weight_int4pack_mm_for_cpu``; 5 bits per weight, as GGUF's Q4_1, from which the same
@@ -114,13 +117,13 @@ class Linear:
       overflow (with 8-bit weights every position came out wrong).
     """
 
-    # Past this many rows (prefill, batches) the int8 product loses to a plain matmul. torch's int8 kernel,
-    # like its int4 one, costs time per row: on Sapphire Rapids (bf16, prepacked) a 3072 x 576 product takes
-    # 49 / 60 / 88 / 368 us at 1 / 2 / 4 / 16 rows against 64 / 68 / 69 / 83 for bf16, and Gemma 3's 262,144 x 640
-    # head 11.0 / 13.0 / 19.3 / 72.2 ms against 13.9-14.6. On the CPU the dequantized weight is kept, in the
-    # model dtype and prepacked, for those rows (as int4 does); elsewhere (CUDA) it is dequantized per call.
+    # Past this many rows (prefill, batches) the int8 kernel loses to a plain matmul: it multiplies every
+    # row's codes again for each row of x. Measured on Sapphire Rapids (2 threads, fp32 activations), a
+    # 3072 x 576 product takes 46 / 64 / 114 us at 1 / 2 / 4 rows against ~64 / 68 / 69 for bf16 prepacked,
+    # and Gemma 3's 262,144 x 640 head 11.6 / 13.8 / 20.2 ms against 13.9-14.6 (torch's per-row-scale int8
+    # kernel, before: 14.3 / 16.4 / 20.8 ms). On the CPU the dequantized weight is kept, in the model dtype
+    # and prepacked, for those rows (as int4 does).
     INT8_MAX_ROWS = 2
-    INT8_MAX_ROWS_NO_COPY = 16  # CUDA: no copy kept, and dequantizing on every call costs more
     INT4_MAX_ROWS = 4  # measured on Sapphire Rapids: at 4 rows int4 ~ bf16 with the weight in cache, 16: 4x slower
 
     def __init__(self, weight: torch.Tensor, quantization: str | None = None, bias: torch.Tensor | None = None):
@@ -159,14 +162,12 @@ class Linear:
             self.scale_zeros = scale_zeros.to(weight.dtype)
             self.dense, self.dense_rows = Linear(dense.to(weight.dtype)), self.INT4_MAX_ROWS
         elif quantization == "int8":
-            w = weight.float()
-            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
-            self.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-            self.act_dtype = torch.bfloat16
-            self.scale = scale.to(self.act_dtype).to(weight.device)
-            if weight.device.type == "cpu":  # the same values as the on-the-fly path below computes
-                self.dense = Linear(self.weight.to(weight.dtype) * self.scale.to(weight.dtype)[:, None])
-                self.dense_rows = self.INT8_MAX_ROWS
+            self.weight, self.scale = cpu_weight_kernels.quantize_blocks(weight)
+            self.dense_rows = self.INT8_MAX_ROWS
+            if weight.device.type == "cpu":  # the same values the kernel multiplies by
+                self.dense = Linear(cpu_weight_kernels.dequantize_blocks(self.weight, self.scale, weight.dtype))
+                if not cpu_weight_kernels.available():
+                    self.dense_rows = 0  # no kernel built: every product by the dequantized copy
         else:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
 
@@ -189,10 +190,10 @@ class Linear:
                                                            self.weight, INT4_GROUP, sz)
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
-        elif x2.shape[0] > self.INT8_MAX_ROWS_NO_COPY:  # CUDA int8: no copy kept
-            y = F.linear(x2, self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None])
-        else:
-            y = torch._weight_int8pack_mm(x2.to(self.act_dtype), self.weight, self.scale).to(x.dtype)
+        elif x2.is_cpu:
+            y = cpu_weight_kernels.int8_block_mm(x2, self.weight, self.scale)
+        else:  # int8 elsewhere (CUDA): the weight dequantized for each product, which saves memory, not time
+            y = F.linear(x2, cpu_weight_kernels.dequantize_blocks(self.weight, self.scale, x2.dtype))
         if self.bias is not None:
             y = y.add_(self.bias)  # after the product: these paths are approximate anyway
         return y.reshape(*shape[:-1], self.out_features)

@@ -31,10 +31,51 @@ def test_int8_weight_only_follows_fp32():
     w = torch.randn(64, 96, generator=g) * 0.05
     lin = Linear(w, "int8")
     x = torch.randn(40, 96, generator=g)
-    for rows in (2, 3, 40):  # the int8 kernel, then the dequantized copy past INT8_MAX_ROWS
-        assert rel_err(lin(x[:rows]), x[:rows] @ w.T) < 0.02
-    # both paths multiply by the same values: rows computed either way agree to the kernel's bf16 rounding
-    assert rel_err(lin(x[:2]), lin(x)[:2]) < 5e-3
+    for rows in (1, 2, 3, 40):  # the C++ kernel, then the dequantized copy past INT8_MAX_ROWS
+        assert rel_err(lin(x[:rows]), x[:rows] @ w.T) < 0.01
+    # both paths multiply by the same values: the kernel rounds x to 15 bits per block of 32, no more
+    assert rel_err(lin(x[:2]), lin(x)[:2]) < 1e-4
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Linear(torch.randn(8, 40), "int8")
+
+
+def _q8_0_weight(n: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """A weight as a Q8_0 GGUF stores it: per 32 weights d * q, d float16, q in -127..127 with +-127 in
+    every block (Q8_0's quantizer scales each block by its largest magnitude)."""
+    d = (torch.rand(n, k // 32, 1, generator=g) * 0.01 + 1e-3).half().float()
+    q = torch.randint(-127, 128, (n, k // 32, 32), generator=g).float()
+    q[..., 5] = 127 * torch.sign(torch.randn(n, k // 32, generator=g))
+    return (d * q).reshape(n, k)
+
+
+def test_int8_blocks_give_a_q8_0_weight_back():
+    from kvserve.models.cpu_weight_kernels import dequantize_blocks, quantize_blocks
+
+    w = _q8_0_weight(48, 128, torch.Generator().manual_seed(3))
+    codes, scales = quantize_blocks(w)
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float16 and scales.shape == (48, 4)
+    assert torch.equal(dequantize_blocks(codes, scales, torch.float32), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_int8_kernel_against_its_reference(rows, dtype):
+    from kvserve.models import cpu_weight_kernels as k
+
+    if not k.available():
+        pytest.skip("C++ kernels not built")
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(200, 640, generator=g) * 0.05  # 200 rows: split over the threads unevenly
+    x = torch.randn(rows, 640, generator=g)
+    x[:, 3] *= 100  # an outlier channel: it sets its own block's step only
+    x[-1, 64:96] = 0  # a block of zeros
+    codes, scales = k.quantize_blocks(w)
+    y = k.int8_block_mm(x.to(dtype), codes, scales)
+    ref = k.int8_block_mm_reference(x.to(dtype).float(), codes, scales)
+    assert y.dtype == dtype and y.shape == (rows, 200)
+    assert rel_err(y.float(), ref) < (1e-4 if dtype == torch.float32 else 5e-3)
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        k.int8_block_mm(torch.randn(5, 640), codes, scales)
 
 
 def test_unknown_quantization_is_refused():
