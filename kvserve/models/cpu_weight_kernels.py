@@ -38,48 +38,59 @@ _SOURCE = cpu_kernels.SHARED_CPP + r"""
 #include <immintrin.h>
 #endif
 
+// n float16 bit patterns -> floats, 8 at a time where F16C has the instruction.
+static inline void halves_to_floats(const uint16_t* h, float* out, int64_t n) {
+  int64_t i = 0;
 #if defined(__F16C__)
-static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
-#else
-static inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
 #endif
-
-// x [M, K] in fp32 -> int16 codes per block of 32 and their scales (max |x| / 32767): 15 bits, so the
-// products below are exact integers and the rounding of x is ~3e-5 of its block's largest value
-// (bf16 activations, which torch's int8 kernel takes, keep 8 bits of each value).
-static void quantize_x(const float* x, int16_t* xq, float* xs, int64_t M, int64_t K) {
-  for (int64_t i = 0; i < M * K / 32; ++i) {
-    const float* v = x + 32 * i;
-    float amax = 0.f;
-    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::abs(v[j]));
-    const float s = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
-    for (int j = 0; j < 32; ++j) xq[32 * i + j] = static_cast<int16_t>(std::nearbyint(v[j] * inv));
-    xs[i] = s;
-  }
+  for (; i < n; ++i) out[i] = static_cast<float>(c10::Half(h[i], c10::Half::from_bits()));
 }
 
-// One block of 32: sum_i codes[i] * xq[i] as int32 lanes (pairs of products summed by vpmaddwd), then
-// the lanes times the block's two scales added into 8 or 16 float lanes.
+// x [M, K] (fp32 or bf16) -> int16 codes per block of 32 and their scales (max |x| / 32767): 15 bits, so
+// the products below are exact integers and the rounding of x is ~3e-5 of its block's largest value
+// (bf16 activations, which torch's int8 kernel takes, keep 8 bits of each value).
+struct XBlocks {
+  std::vector<int16_t> q;
+  std::vector<float> scale;
+  template <typename T>  // float or c10::BFloat16
+  XBlocks(const T* x, int64_t M, int64_t K) : q(M * K), scale(M * K / 32) {
+    float v[32];
+    for (int64_t i = 0; i < M * K / 32; ++i) {
+      float amax = 0.f;
+      for (int j = 0; j < 32; ++j) { v[j] = static_cast<float>(x[32 * i + j]); amax = std::max(amax, std::abs(v[j])); }
+      const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+      for (int j = 0; j < 32; ++j) q[32 * i + j] = static_cast<int16_t>(std::nearbyint(v[j] * inv));
+      scale[i] = amax / 32767.f;
+    }
+  }
+};
+
+// A block's 32 int8 codes as 32 int16 lanes (widen), then block_dot: sum_i codes[i] * xq[i] as int32
+// lanes (pairs of products summed by vpmaddwd), times the block's two scales, added into 8 or 16 float
+// lanes.
 #if defined(__AVX512BW__)
 typedef __m512 facc;
+typedef __m512i wide;
 static inline facc facc_zero() { return _mm512_setzero_ps(); }
-static inline __m512i widen_codes(const int8_t* c) {
+static inline wide widen(const int8_t* c) {
   return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)));
 }
-static inline facc block_dot(__m512i w, const int16_t* xq, float scale, facc acc) {
+static inline facc block_dot(wide w, const int16_t* xq, float scale, facc acc) {
   const __m512i p = _mm512_madd_epi16(w, _mm512_loadu_si512(xq));
   return _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(scale), acc);
 }
 static inline float facc_sum(facc a) { return _mm512_reduce_add_ps(a); }
 #elif defined(__AVX2__)
 typedef __m256 facc;
-struct codes2 { __m256i lo, hi; };
+struct wide { __m256i lo, hi; };  // lanes 0-15 and 16-31
 static inline facc facc_zero() { return _mm256_setzero_ps(); }
-static inline codes2 widen_codes(const int8_t* c) {
+static inline wide widen(const int8_t* c) {
   return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))),
           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))};
 }
-static inline facc block_dot(codes2 w, const int16_t* xq, float scale, facc acc) {
+static inline facc block_dot(wide w, const int16_t* xq, float scale, facc acc) {
   const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w.lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
                                      _mm256_madd_epi16(w.hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16))));
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc);
@@ -87,11 +98,16 @@ static inline facc block_dot(codes2 w, const int16_t* xq, float scale, facc acc)
 static inline float facc_sum(facc a) { v8 v; std::memcpy(&v, &a, 32); return hsum(v); }
 #else  // any other CPU: the same sums in plain C++
 typedef float facc;
+struct wide { int16_t v[32]; };
 static inline facc facc_zero() { return 0.f; }
-static inline const int8_t* widen_codes(const int8_t* c) { return c; }
-static inline facc block_dot(const int8_t* w, const int16_t* xq, float scale, facc acc) {
+static inline wide widen(const int8_t* c) {
+  wide w;
+  for (int i = 0; i < 32; ++i) w.v[i] = c[i];
+  return w;
+}
+static inline facc block_dot(const wide& w, const int16_t* xq, float scale, facc acc) {
   int32_t p = 0;
-  for (int i = 0; i < 32; ++i) p += static_cast<int32_t>(w[i]) * xq[i];
+  for (int i = 0; i < 32; ++i) p += static_cast<int32_t>(w.v[i]) * xq[i];
   return acc + static_cast<float>(p) * scale;
 }
 static inline float facc_sum(facc a) { return a; }
@@ -99,32 +115,53 @@ static inline float facc_sum(facc a) { return a; }
 
 // How far ahead of the codes being multiplied to ask for codes (bytes; rows are contiguous, so this runs
 // into the next rows). The hardware prefetcher alone kept one thread's stream at ~8 GB/s: on Sapphire
-// Rapids, Gemma 3's 168 MB head took 11.3 ms (15.4 GB/s on 2 threads); 512 / 2,048 / 4,096 bytes ahead:
-// 11.3 / 8.3 / 8.2 ms (21.7 GB/s, of the ~23 GB/s a 1 GiB sum reads), 8,192 no better.
+// Rapids, Gemma 3's 168 MB head took 11.3 ms (15.4 GB/s on 2 threads); 512 / 2,048 / 4,096 bytes
+// ahead: 11.3 / 8.3 / 8.2 ms (21.7 GB/s, of the ~23 GB/s a 1 GiB sum reads), 8,192 no better.
 static constexpr int64_t PREFETCH = 4096;
+
 // y[m, n0:n1] for M rows of x; codes [N, K], scales [N, K / 32] float16 bits.
-template <int M>
-static void rows(const int16_t* xq, const float* xs, const int8_t* codes, const uint16_t* scales, float* y,
+template <int M, typename OutT>
+static void rows(const XBlocks& x, const int8_t* codes, const uint16_t* scales, OutT* y,
                  int64_t K, int64_t N, int64_t n0, int64_t n1) {
   const int64_t nb = K / 32;
-  std::vector<float> f(M * nb);
+  const int16_t* xq = x.q.data();
+  std::vector<float> f(M * nb), d(nb);
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* c = codes + n * K;
-    const uint16_t* s = scales + n * nb;
-    // each block's two scales multiplied first, in a loop the compiler vectorizes (F16C converts 8 at once)
-    for (int64_t b = 0; b < nb; ++b) {
-      const float d = half_to_float(s[b]);
-      for (int m = 0; m < M; ++m) f[m * nb + b] = d * xs[m * nb + b];
-    }
+    // each block's two scales multiplied first, in plain loops over the row the compiler vectorizes (one
+    // block at a time, converting and multiplying cost as much as the codes' arithmetic)
+    halves_to_floats(scales + n * nb, d.data(), nb);
+    for (int m = 0; m < M; ++m)
+      for (int64_t b = 0; b < nb; ++b) f[m * nb + b] = d[b] * x.scale[m * nb + b];
     facc acc[M];
     for (int m = 0; m < M; ++m) acc[m] = facc_zero();
     for (int64_t b = 0; b < nb; ++b) {
       __builtin_prefetch(c + 32 * b + PREFETCH);
-      const auto w = widen_codes(c + 32 * b);  // read once for all M rows
+      const wide w = widen(c + 32 * b);  // read once for all M rows
       for (int m = 0; m < M; ++m) acc[m] = block_dot(w, xq + m * K + 32 * b, f[m * nb + b], acc[m]);
     }
-    for (int m = 0; m < M; ++m) y[m * N + n] = facc_sum(acc[m]);
+    for (int m = 0; m < M; ++m) y[m * N + n] = static_cast<OutT>(facc_sum(acc[m]));
   }
+}
+
+template <typename T>
+static torch::Tensor int8_block_mm_as(const torch::Tensor& x, const int8_t* cp, const uint16_t* sp,
+                                      int64_t M, int64_t K, int64_t N) {
+  auto y = torch::empty({M, N}, x.options());  // in x's dtype: no conversions around the call
+  T* yp = static_cast<T*>(y.data_ptr());
+  pybind11::gil_scoped_release no_gil;
+  const XBlocks xb(static_cast<const T*>(x.data_ptr()), M, K);
+  // ~16 KiB of codes per task at the least, so a small matrix does not pay for waking threads it cannot use
+  const int64_t grain = std::max<int64_t>(1, 16384 / K);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    switch (M) {
+      case 1: rows<1>(xb, cp, sp, yp, K, N, n0, n1); break;
+      case 2: rows<2>(xb, cp, sp, yp, K, N, n0, n1); break;
+      case 3: rows<3>(xb, cp, sp, yp, K, N, n0, n1); break;
+      default: rows<4>(xb, cp, sp, yp, K, N, n0, n1); break;
+    }
+  });
+  return y;
 }
 
 torch::Tensor int8_block_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor scales) {
@@ -134,28 +171,10 @@ torch::Tensor int8_block_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
   TORCH_CHECK(codes.size(1) == K && K % 32 == 0 && scales.size(0) == N && scales.size(1) == K / 32, "shapes");
   TORCH_CHECK(M >= 1 && M <= 4, "1 to 4 rows");
-  auto xf = x.to(torch::kFloat).contiguous();
-  auto y = torch::empty({M, N}, xf.options());
-  std::vector<int16_t> xq(M * K);
-  std::vector<float> xs(M * K / 32);
-  quantize_x(xf.data_ptr<float>(), xq.data(), xs.data(), M, K);
   const int8_t* cp = codes.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  float* yp = y.data_ptr<float>();
-  {
-    pybind11::gil_scoped_release no_gil;
-    // ~16 KiB of codes per task at the least, so a small matrix does not pay for waking threads it cannot use
-    const int64_t grain = std::max<int64_t>(1, 16384 / K);
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      switch (M) {
-        case 1: rows<1>(xq.data(), xs.data(), cp, sp, yp, K, N, n0, n1); break;
-        case 2: rows<2>(xq.data(), xs.data(), cp, sp, yp, K, N, n0, n1); break;
-        case 3: rows<3>(xq.data(), xs.data(), cp, sp, yp, K, N, n0, n1); break;
-        default: rows<4>(xq.data(), xs.data(), cp, sp, yp, K, N, n0, n1); break;
-      }
-    });
-  }
-  return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
+  if (x.scalar_type() == torch::kBFloat16) return int8_block_mm_as<c10::BFloat16>(x.contiguous(), cp, sp, M, K, N);
+  return int8_block_mm_as<float>(x.to(torch::kFloat).contiguous(), cp, sp, M, K, N).to(x.scalar_type());
 }
 """
 
