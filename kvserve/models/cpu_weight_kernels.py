@@ -148,11 +148,12 @@ static void rows(const XBlocks& x, const int8_t* codes, const uint16_t* scales, 
   }
 }
 
-template <typename T>
+template <typename T, typename OutT>
 static torch::Tensor int8_block_mm_as(const torch::Tensor& x, const int8_t* cp, const uint16_t* sp,
                                       int64_t M, int64_t K, int64_t N) {
-  auto y = torch::empty({M, N}, x.options());  // in x's dtype: no conversions around the call
-  T* yp = static_cast<T*>(y.data_ptr());
+  // read and written in x's dtype (or fp32 out): no conversions around the call
+  auto y = torch::empty({M, N}, x.options().dtype(c10::CppTypeToScalarType<OutT>::value));
+  OutT* yp = static_cast<OutT*>(y.data_ptr());
   pybind11::gil_scoped_release no_gil;
   const XBlocks xb(static_cast<const T*>(x.data_ptr()), M, K);
   // ~16 KiB of codes per task at the least, so a small matrix does not pay for waking threads it cannot use
@@ -168,7 +169,8 @@ static torch::Tensor int8_block_mm_as(const torch::Tensor& x, const int8_t* cp, 
   return y;
 }
 
-torch::Tensor int8_block_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor scales) {
+// float_out: the result in fp32 whatever x's dtype (the LM head: logits from the fp32 sums, not rounded to bf16)
+torch::Tensor int8_block_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, bool float_out) {
   TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && scales.dim() == 2, "x [M, K], codes [N, K], scales [N, K/32]");
   TORCH_CHECK(codes.scalar_type() == torch::kChar && codes.is_contiguous(), "codes: contiguous int8");
   TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous(), "scales: contiguous float16");
@@ -177,8 +179,12 @@ torch::Tensor int8_block_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   TORCH_CHECK(M >= 1 && M <= 4, "1 to 4 rows");
   const int8_t* cp = codes.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  if (x.scalar_type() == torch::kBFloat16) return int8_block_mm_as<c10::BFloat16>(x.contiguous(), cp, sp, M, K, N);
-  return int8_block_mm_as<float>(x.to(torch::kFloat).contiguous(), cp, sp, M, K, N).to(x.scalar_type());
+  if (x.scalar_type() == torch::kBFloat16) {
+    if (float_out) return int8_block_mm_as<c10::BFloat16, float>(x.contiguous(), cp, sp, M, K, N);
+    return int8_block_mm_as<c10::BFloat16, c10::BFloat16>(x.contiguous(), cp, sp, M, K, N);
+  }
+  auto y = int8_block_mm_as<float, float>(x.to(torch::kFloat).contiguous(), cp, sp, M, K, N);
+  return float_out ? y : y.to(x.scalar_type());
 }
 """
 
@@ -218,10 +224,10 @@ def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return w.reshape(n, k).to(dtype)
 
 
-def int8_block_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_block_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, float_out: bool = False) -> torch.Tensor:
     """``x [M, K] @ W.T`` for W in blocks (``quantize_blocks``), 1 <= M <= ``MAX_ROWS``, fp32 sums;
-    the result in x's dtype."""
-    return _load().int8_block_mm(x, codes, scales)
+    the result in x's dtype, or in fp32 with ``float_out``."""
+    return _load().int8_block_mm(x, codes, scales, float_out)
 
 
 def int8_block_mm_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -188,5 +188,8 @@ class Decoder:
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[S, hidden] -> [S, vocab] in fp32 (sampling wants full precision)."""
-        return self.lm_head(hidden).float()
+        """[S, hidden] -> [S, vocab] in fp32 (sampling wants full precision). An int8 head (the int4 and
+        int8 settings) at 1-2 rows returns its fp32 sums: in bf16, logits near 20 are 0.125 apart, and
+        SmolLM2's first answer token to "What is the capital of France?" tied 'The' with 'L' (fp32: -1.883
+        vs -1.965 log-probability), and the tie went to 'L'."""
+        return self.lm_head(hidden, float_out=True).float()

@@ -171,7 +171,9 @@ class Linear:
         else:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+        """``float_out``: the C++ int8 kernel may return its fp32 sums instead of rounding them to x's
+        dtype (the LM head: logits that a bf16 rounding would tie); other paths return x's dtype."""
         if self.quantization is None and not self.prepacked:
             return F.linear(x, self.weight, self.bias)
         shape = x.shape
@@ -191,7 +193,7 @@ class Linear:
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
         elif x2.is_cpu:
-            y = cpu_weight_kernels.int8_block_mm(x2, self.weight, self.scale)
+            y = cpu_weight_kernels.int8_block_mm(x2, self.weight, self.scale, float_out)
         else:  # int8 elsewhere (CUDA): the weight dequantized for each product, which saves memory, not time
             y = F.linear(x2, cpu_weight_kernels.dequantize_blocks(self.weight, self.scale, x2.dtype))
         if self.bias is not None:

@@ -74,6 +74,9 @@ def test_int8_kernel_against_its_reference(rows, dtype):
     ref = k.int8_block_mm_reference(x.to(dtype).float(), codes, scales)
     assert y.dtype == dtype and y.shape == (rows, 200)
     assert rel_err(y.float(), ref) < (1e-4 if dtype == torch.float32 else 5e-3)
+    # float_out (the LM head's logits): the fp32 sums themselves, not rounded to x's dtype
+    y32 = k.int8_block_mm(x.to(dtype), codes, scales, float_out=True)
+    assert y32.dtype == torch.float32 and rel_err(y32, ref) < 1e-4
     with pytest.raises(RuntimeError, match="1 to 4 rows"):
         k.int8_block_mm(torch.randn(5, 640), codes, scales)
 
