@@ -119,10 +119,10 @@ class Linear:
 
     # Past this many rows (prefill, batches) the int8 kernel loses to a plain matmul: it multiplies every
     # row's codes again for each row of x. Measured on Sapphire Rapids (2 threads, fp32 activations), a
-    # 3072 x 576 product takes 46 / 64 / 114 us at 1 / 2 / 4 rows against ~64 / 68 / 69 for bf16 prepacked,
-    # and Gemma 3's 262,144 x 640 head 11.6 / 13.8 / 20.2 ms against 13.9-14.6 (torch's per-row-scale int8
-    # kernel, before: 14.3 / 16.4 / 20.8 ms). On the CPU the dequantized weight is kept, in the model dtype
-    # and prepacked, for those rows (as int4 does).
+    # 3072 x 576 product takes 51 / 58 / 114 us at 1 / 2 / 4 rows against ~64 / 68 / 69 for bf16 prepacked;
+    # only the largest matrices, out of cache, keep winning at 4 (Gemma 3's 262,144 x 640 head: 8.3 / 9.8 /
+    # 12.2 ms against 13.9-14.6). On the CPU the dequantized weight is kept, in the model dtype and
+    # prepacked, for those rows (as int4 does).
     INT8_MAX_ROWS = 2
     INT4_MAX_ROWS = 4  # measured on Sapphire Rapids: at 4 rows int4 ~ bf16 with the weight in cache, 16: 4x slower
 
