@@ -248,12 +248,13 @@ def main() -> None:
     from kvserve.models.loader import load_model_config
 
     layer_params, head_params = matrix_params(load_model_config(resolve_model(MODEL)))
+    llama_bytes = sum(gguf_matrix_bytes(str(resolve_model(MODEL).path)))  # one parse for both llama.cpp rows
     default_kind = "bf16" if default_dtype == torch.bfloat16 else "fp32"
     rows = []
     for name, res in results.items():
         kind = res.get("weights") or default_kind  # HF: the default dtype
         if name.startswith("llama.cpp"):
-            wbytes = sum(gguf_matrix_bytes(str(resolve_model(MODEL).path)))
+            wbytes = llama_bytes
         else:
             per_layer, per_head = BYTES_PER_WEIGHT[kind]
             wbytes = layer_params * per_layer + head_params * per_head

@@ -35,7 +35,6 @@ import torch
 from kvserve.models import cpu_kernels
 
 BLOCK = 32  # weights per scale: GGUF Q8_0's block
-MAX_ROWS = 4  # rows of x the kernel takes (a template constant each)
 
 _SOURCE = cpu_kernels.SHARED_CPP + r"""
 #if defined(__F16C__) || defined(__AVX2__)
@@ -225,7 +224,7 @@ def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 
 
 def int8_block_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, float_out: bool = False) -> torch.Tensor:
-    """``x [M, K] @ W.T`` for W in blocks (``quantize_blocks``), 1 <= M <= ``MAX_ROWS``, fp32 sums;
+    """``x [M, K] @ W.T`` for W in blocks (``quantize_blocks``), 1 <= M <= 4 (a template constant each), fp32 sums;
     the result in x's dtype, or in fp32 with ``float_out``."""
     return _load().int8_block_mm(x, codes, scales, float_out)
 

@@ -131,7 +131,8 @@ class Linear:
         self.quantization = quantization
         self.prepacked = False
         # int4 and int8 on the CPU: the dequantized weight, prepacked in the model dtype, for products of
-        # more than ``dense_rows`` rows, where torch's per-row quantized kernels lose to a plain matmul
+        # more than ``dense_rows`` rows, where the quantized GEMV kernels (whose cost grows with the rows)
+        # lose to a plain matmul
         self.dense: Linear | None = None
         self.dense_rows = 0
         # [out]: Qwen2's q/k/v biases. Plain weights take it inside the product (oneDNN and F.linear add it
