@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Debian's Chromium drives the /dashboard test in a real browser (Playwright, no browser download)
 APT    := DEBIAN_FRONTEND=noninteractive apt-get install -y -q
 
-.PHONY: run test setup bench bench-llama kvpress-venv clean
+.PHONY: run test setup bench bench-llama bench-llama-avx2 kvpress-venv clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,16 @@ bench: $(STAMP)
 bench-llama:
 	test -x .venv-llama/bin/python || python3 -m venv .venv-llama
 	.venv-llama/bin/pip install -q 'llama-cpp-python[server]'
+
+# The same llama.cpp built for AVX2 only (no AVX-512, VNNI or AMX): the peer when an AVX-512 machine
+# emulates the AVX2 one (docs/benchmarks.md, "AVX2 on machine C"). --no-cache-dir: pip would reuse
+# the native wheel it built for bench-llama.
+bench-llama-avx2:
+	test -x .venv-llama-avx2/bin/python || python3 -m venv .venv-llama-avx2
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	  -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF \
+	  -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+	  .venv-llama-avx2/bin/pip install -q --no-cache-dir 'llama-cpp-python[server]==0.3.36'
 
 # NVIDIA kvpress, the KV-compression reference (tests/fixtures/make_kvpress_fixture.py, benchmarks), in its
 # own venv: it pins transformers < 5.3

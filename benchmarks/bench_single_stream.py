@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (LLAMA_NO_EXTRA_BUFTS, RESULTS_DIR, command_line, cpu_info, format_cpu_info,  # noqa: E402
-                    format_table, llama_extra_bufts_work, load_hf, now_iso, prompt_ids, pyplot, save_json,
+                    format_table, llama_extra_bufts_work, llama_system_info, load_hf, now_iso, prompt_ids, pyplot, save_json,
                     settings_of)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,8 +232,10 @@ def main() -> None:
         results[f"kvserve {s}"] = run_kvserve(s, prompts, args.new_tokens, args.repeats)
         print(f"kvserve {s}: " + ", ".join(f"{n}: {r['decode_tok_s']:.1f} tok/s, TTFT {r['ttft_ms']:.0f} ms"
                                          for n, r in results[f"kvserve {s}"].items() if isinstance(n, int)), flush=True)
-    llama_extra_bufts = None
+    llama_extra_bufts, llama_isa = None, None
     if Path(args.llama_python).exists():
+        llama_isa = llama_system_info(args.llama_python)
+        print(f"llama.cpp build: {llama_isa}", flush=True)
         llama, llama_extra_bufts = run_llama(args.llama_python, prompts, args.new_tokens, args.repeats,
                                              torch.get_num_threads())
         for mode, res in llama.items():
@@ -281,7 +283,7 @@ def main() -> None:
         print(f"{k}: decode {v['decode']:.2f}x, TTFT {v['ttft']:.2f}x")
     save_json(args.out, {"date": now_iso(), "command": command_line(), "settings": settings_of(args), "cpu": info,
                          "read_bandwidth_gbs": bw, "default_dtype": str(default_dtype), "results": results,
-                         "llama_cpp_extra_buffer_types": llama_extra_bufts,
+                         "llama_cpp_extra_buffer_types": llama_extra_bufts, "llama_cpp_system_info": llama_isa,
                          "ratios": ratios})
     plt = pyplot()
     if plt is not None:

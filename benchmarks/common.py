@@ -21,6 +21,10 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # CPU flags that decide which kernels torch can use (bf16 / int8 / AMX paths).
 INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
+# Environment variables that hold torch, oneDNN and MKL below the CPU's own instruction set: with all
+# three at AVX2, an AVX-512 machine runs the code an AVX2-only one would (not its memory or clocks).
+ISA_LIMIT_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
 # Real English prose (written for this benchmark), repeated and cut to the length a prompt needs.
 # Several paragraphs on different topics, so the prompt is not one sentence on a loop.
 PROSE = """\
@@ -96,6 +100,8 @@ def cpu_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "load_average": list(load) if load else None,
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),  # torch's large allocations on huge pages
+        # set: an instruction set below the CPU's emulated (docs/benchmarks.md, "AVX2 on machine C")
+        "isa_limits": {k: os.environ[k] for k in ISA_LIMIT_VARS if k in os.environ},
         "date": now_iso(),
     }
 
@@ -111,6 +117,8 @@ def format_cpu_info(info: dict[str, Any]) -> str:
         f"{info['torch_num_threads']} threads ({info['torch_num_interop_threads']} interop)",
         f"transformers: {info['transformers_version']}, python {info['python_version']}",
     ]
+    if info.get("isa_limits"):
+        lines.append("ISA limited:  " + " ".join(f"{k}={v}" for k, v in info["isa_limits"].items()))
     if load:
         lines.append(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min; >{info['logical_cpus']} "
                      "means other work shares the CPUs)")
@@ -183,6 +191,15 @@ def _params():
     return p
 _C.llama_model_default_params = _params
 """
+
+
+def llama_system_info(python: str) -> str | None:
+    """llama.cpp's own line on the instruction sets its build uses (``llama_print_system_info``)."""
+    import subprocess
+
+    probe = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode().strip())"
+    proc = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=120)
+    return (proc.stdout.strip() or None) if proc.returncode == 0 else None
 
 
 def llama_extra_bufts_work(python: str, gguf: str) -> bool:

@@ -34,7 +34,11 @@ DEFAULT_KV_CACHE_MEMORY = 1 << 30  # paged pool: 1 GiB unless told otherwise
 
 
 def cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls are fast only with AVX512_BF16 / AMX; on AVX2 they are ~8x slower than fp32."""
+    """bf16 matmuls are fast only with AVX512_BF16 / AMX; on AVX2 they are ~8x slower than fp32. Both the
+    CPU and torch's kernels must have them: ``ATEN_CPU_CAPABILITY=avx2`` (how an AVX2 machine is
+    emulated on an AVX-512 one, docs/benchmarks.md) runs torch's AVX2 code, and so counts as AVX2."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:

@@ -420,6 +420,17 @@ def build_directory(name: str) -> str:
     return path
 
 
+def _march(capability: str) -> list[str]:
+    """The instruction set to compile for: the CPU's own (-march=native), unless torch was told to run
+    below it (``ATEN_CPU_CAPABILITY=avx2`` or ``default`` on an AVX-512 CPU, how the AVX2 machine is
+    emulated): then that level's, so our kernels take the same code paths as on such a CPU."""
+    if capability == "avx2" and " avx512f" in _cpu_flags():
+        return ["-march=x86-64-v3", "-mtune=native"]  # AVX2, FMA, F16C: Haswell and Zen 3
+    if capability == "default" and " avx2" in _cpu_flags():
+        return ["-march=x86-64-v2", "-mtune=native"]  # SSE4.2: the kernels' plain C++ loops
+    return ["-march=native"]
+
+
 def _locked_build(build_dir: str, build):
     """Run ``build`` while holding an flock on the build folder. torch's own lock is a file that exists
     while a build runs; a process killed mid-build (Ctrl-C, a test run stopped, a session ending) leaves
@@ -456,14 +467,14 @@ def build_extension(name: str, source: str, functions: list[str], what: str):
         from torch.utils.cpp_extension import load_inline
 
         # -fopenmp: without it at::parallel_for compiles to a serial loop.
-        # -march=native: the build is per machine; the CPU type in the name keeps an AVX-512 build from
+        # -march: the build is per machine (_march); the CPU type in the name keeps an AVX-512 build from
         # being loaded on an AVX2 machine that shares the cache directory. The math flags let the compiler
         # vectorize the dot products (reassociating float sums) without assuming away the -inf above.
         cap = torch.backends.cpu.get_cpu_capability().lower()
         build_dir = build_directory(f"{name}_{cap}")
         module = _locked_build(build_dir, lambda: load_inline(
             name=f"{name}_{cap}", cpp_sources=[source], functions=functions, build_directory=build_dir,
-            extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+            extra_cflags=["-O3", *_march(cap), "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
                           "-fno-trapping-math", "-fopenmp"],
             # at::parallel_for is OpenMP in the headers; the libgomp.so.1 torch already loaded serves it
             extra_ldflags=["-fopenmp"],

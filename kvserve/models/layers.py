@@ -145,8 +145,11 @@ class Linear:
         if quantization is None:
             self.weight = weight.contiguous()
             if _onednn_ok(self.weight):
-                self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight)
-                self.prepacked = True
+                try:
+                    self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight)
+                    self.prepacked = True
+                except RuntimeError:  # bf16 where oneDNN has no bf16 path (AVX2 CPUs): F.linear does it
+                    pass
         elif quantization == "w8a8":
             if weight.device.type != "cpu":
                 raise ValueError("quantization='w8a8' runs on the CPU (fbgemm); use 'int8' on CUDA")
