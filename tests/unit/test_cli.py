@@ -85,6 +85,32 @@ def test_info_json(capsys, cfg):
     assert i["gqa_group_size"] == 3 and i["context_length"] == cfg.max_position_embeddings
 
 
+def info_with_capability(capability: str | None) -> dict:
+    """``kvserve info --json`` in a fresh process, with torch held to ``capability`` (ATEN_CPU_CAPABILITY)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    out = subprocess.run([sys.executable, "-m", "kvserve.cli", "info", "--json"], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    return json.loads(out)
+
+
+def test_info_default_follows_torchs_instruction_set():
+    """The default speed setting follows the instruction set torch runs. Held to AVX2 (what an AVX2-only
+    CPU runs), bf16 and torch's int4 kernel are slow: the Q4_1 file runs fp32 with int8 weights. With
+    AVX-512, int4 (the file's own bits)."""
+    i = info_with_capability("avx2")
+    assert i["cpu_capability"] == "AVX2"
+    assert (i["default_dtype"], i["default_quantization"]) == ("float32", "int8")
+    assert "faster than int4" in i["default_quantization_reason"]
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert info_with_capability(None)["default_quantization"] == "int4"
+
+
 @pytest.mark.parametrize("cmd", [["info"], ["estimate", "--seq-len", "8", "--batch", "1"]])
 def test_unknown_model_exits_2_with_aliases(capsys, cmd):
     assert main([cmd[0], "--model", "no-such-model", *cmd[1:]]) == 2

@@ -98,8 +98,9 @@ def _q4_1_weight(n: int, k: int, g: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 40])
 def test_int4_gives_a_q4_1_weight_back(rows):
     """int4's codes, scales and zeros stand for exactly the Q4_1 values they came from, and both its
-    paths (torch's int4 kernel up to INT4_MAX_ROWS rows, the dequantized matrix past them) compute
-    x @ W.T within fp32 rounding."""
+    paths compute x @ W.T: the dequantized matrix past INT4_MAX_ROWS rows within fp32 rounding, torch's
+    int4 kernel up to them within bf16's (it takes bf16 activations, scales and zeros: with fp32 ones it
+    has no vectorized path)."""
     from kvserve.models.layers import int4_pack
 
     g = torch.Generator().manual_seed(rows)
@@ -109,7 +110,7 @@ def test_int4_gives_a_q4_1_weight_back(rows):
     x = torch.randn(rows, 96, generator=g)
     y = Linear(w, "int4")(x)
     assert y.shape == (rows, 64) and y.dtype == torch.float32
-    assert rel_err(y, x @ w.T) < 1e-5
+    assert rel_err(y, x @ w.T) < (5e-3 if rows <= Linear.INT4_MAX_ROWS else 1e-5)
 
 
 def test_int4_on_any_weight_and_its_refusals():
