@@ -95,6 +95,147 @@ static inline void with_group(int64_t G, F&& f) {
     default: return f(std::integral_constant<int, 8>{});
   }
 }
+
+// bf16 is the top half of a float: widen by a shift; round to nearest even on the low 16 bits (finite values:
+// activations here are never NaN or near FLT_MAX). In plain integer arithmetic (c10's carry a NaN branch),
+// so loops vectorize.
+static inline float to_f(float x) { return x; }
+static inline float to_f(c10::BFloat16 x) { uint32_t u = uint32_t(x.x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+static inline void store_f(float* p, float x) { *p = x; }
+static inline void store_f(c10::BFloat16* p, float x) {
+  uint32_t u; std::memcpy(&u, &x, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  *p = c10::BFloat16(uint16_t(u >> 16), c10::BFloat16::from_bits());
+}
+
+// ---- paged decode: how the work is cut and merged, shared by the plain and the quantized kernels ----
+// One piece of work: request b, KV heads [h0, h1), its blocks [j0, j1). part < 0: the whole request.
+struct Item { int64_t b, h0, h1, j0, j1, part; };
+
+// Decode attention for q [B, H, G, D] (TQ: float or bf16, not yet scaled) into out [B, H, G, D] (TQ).
+// Items: whole requests when there are enough of them to share among the threads (reads stay
+// sequential), else (request, KV head). A request longer than a fair share of the work is cut into
+// pieces of whole blocks, each with its own softmax state, merged at the end, so that one request (batch
+// 1: SmolLM2's 3 KV heads on 2 threads) or one KV head (MQA) is not one thread's work while the others
+// wait. The items are then cut into one contiguous run per thread of about equal cost (tokens to read).
+// piece(qb, item, first, len, m, l, acc) reads one item's keys [first, len) of blocks [j0, j1) into a
+// softmax state: m, l [nh * G] and acc [nh * G, D / 8], with element e of a row at pos(e) (the int4
+// cache's order; the identity elsewhere); qb is q scaled by sm_scale, in the same order.
+template <int G, typename TQ, typename Pos, typename Piece>
+static void paged_decode_driver(const TQ* q, TQ* out, const int64_t* begins, const int64_t* lens, int64_t B,
+                                int64_t H, int64_t D, int64_t bs, int64_t nb, float sm_scale, Pos pos, Piece piece) {
+  const int64_t nd = D / 8, threads = at::get_num_threads();
+  const int64_t hp = B >= 2 * threads ? H : 1;
+  std::vector<int64_t> len(B), first(B);
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    len[b] = std::max<int64_t>(0, std::min(lens[b], nb * bs));  // never past the table
+    first[b] = std::max<int64_t>(0, std::min(begins ? begins[b] : 0, len[b] - 1));
+    total += (len[b] - first[b]) * (H / hp);
+  }
+  const int64_t per_piece = std::max<int64_t>(4, (total / (4 * threads) + bs - 1) / bs);  // blocks per piece
+  std::vector<Item> items;
+  std::vector<int64_t> first_part(B * H, -1), num_parts(B * H, 0);
+  int64_t parts = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h0 = 0; h0 < H; h0 += hp) {
+      const int64_t jb = first[b] / bs, blocks = (len[b] + bs - 1) / bs;
+      const int64_t np = std::max<int64_t>(1, (blocks - jb + per_piece - 1) / per_piece);
+      if (np > 1) { first_part[b * H + h0] = parts; num_parts[b * H + h0] = np; }
+      for (int64_t p = 0; p < np; ++p)
+        items.push_back({b, h0, h0 + hp, jb + p * per_piece, std::min(blocks, jb + (p + 1) * per_piece),
+                         np > 1 ? parts++ : -1});
+    }
+  const int64_t ni = items.size();
+  auto cost = [&](const Item& it) {
+    return (std::min(len[it.b], it.j1 * bs) - std::max(it.j0 * bs, first[it.b])) * (it.h1 - it.h0) + 1;
+  };
+  int64_t tot = 0;
+  for (const Item& it : items) tot += cost(it);
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, ni));
+  std::vector<int64_t> start(nt + 1, ni);
+  start[0] = 0;
+  for (int64_t x = 0, done = 0, t = 1; x < ni && t < nt; ++x) {  // one contiguous run of equal cost per thread
+    done += cost(items[x]);
+    while (t < nt && done * nt >= tot * t) start[t++] = x + 1;
+  }
+  // pieces' states: m, l [parts, hp, G] (hp = 1 whenever there are pieces... or H), acc [parts, hp, G, D]
+  std::vector<float> pm(parts * hp * G), pl(parts * hp * G);
+  std::vector<v8> pacc(parts * hp * G * nd);
+  auto write_out = [&](TQ* o, const v8* a, float inv) {  // one head row, back to the natural order
+    const float* f = reinterpret_cast<const float*>(a);
+    for (int64_t e = 0; e < D; ++e) store_f(o + e, f[pos(e)] * inv);
+  };
+  at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+    std::vector<float> m(hp * G), l(hp * G), qb(hp * G * D);
+    std::vector<v8> acc(hp * G * nd);
+    for (int64_t t = tb; t < te; ++t)
+      for (int64_t x = start[t]; x < start[t + 1]; ++x) {
+        const Item& it = items[x];
+        const int64_t nh = it.h1 - it.h0;
+        const TQ* qi = q + (it.b * H + it.h0) * G * D;
+        for (int64_t r = 0; r < nh * G; ++r)  // q scaled, in the piece's element order
+          for (int64_t e = 0; e < D; ++e) qb[r * D + pos(e)] = to_f(qi[r * D + e]) * sm_scale;
+        piece(qb.data(), it, first[it.b], len[it.b], m.data(), l.data(), acc.data());
+        if (it.part < 0) {
+          TQ* o = out + (it.b * H + it.h0) * G * D;
+          for (int64_t r = 0; r < nh * G; ++r) write_out(o + r * D, acc.data() + r * nd, l[r] > 0.f ? 1.f / l[r] : 0.f);
+        } else {
+          std::copy(m.begin(), m.end(), pm.begin() + it.part * hp * G);
+          std::copy(l.begin(), l.end(), pl.begin() + it.part * hp * G);
+          std::copy(acc.begin(), acc.end(), pacc.begin() + it.part * hp * G * nd);
+        }
+      }
+  });
+  if (parts == 0) return;
+  at::parallel_for(0, B * H, 1, [&](int64_t xb, int64_t xe) {  // merge the pieces of each cut request
+    std::vector<v8> acc(hp * G * nd);
+    for (int64_t x = xb; x < xe; ++x) {
+      const int64_t p0 = first_part[x], np = num_parts[x];
+      if (np == 0) continue;
+      for (int64_t r = 0; r < hp * G; ++r) {
+        float mx = -INFINITY, L = 0.f;
+        for (int64_t p = 0; p < np; ++p) mx = std::max(mx, pm[(p0 + p) * hp * G + r]);
+        for (int64_t i = 0; i < nd; ++i) acc[r * nd + i] = v8{};
+        for (int64_t p = 0; p < np; ++p) {
+          const float w = std::exp(pm[(p0 + p) * hp * G + r] - mx);  // 0 for an empty piece
+          L += pl[(p0 + p) * hp * G + r] * w;
+          for (int64_t i = 0; i < nd; ++i) acc[r * nd + i] += pacc[((p0 + p) * hp * G + r) * nd + i] * w;
+        }
+        write_out(out + x * G * D + r * D, acc.data() + r * nd, L > 0.f ? 1.f / L : 0.f);
+      }
+    }
+  });
+}
+
+// The checks and the call both decode kernels share: q [B, H, G, D] float32 or bfloat16 (made contiguous:
+// a decode's q is a view of the qkv product), block_table [B, nb] int64, lens [B] int64, begins [B] int64
+// or empty (all 0). Calls run(q, out, table, lens, begins or nullptr, G as a constant, TQ as a null pointer).
+template <typename Run>
+static torch::Tensor paged_decode_call(torch::Tensor q, torch::Tensor block_table, torch::Tensor lens, torch::Tensor begins,
+                                       Run run) {
+  TORCH_CHECK(q.dim() == 4 && (q.scalar_type() == torch::kFloat || q.scalar_type() == torch::kBFloat16),
+              "q: float32 or bfloat16 [B, H, G, D]");
+  TORCH_CHECK(q.size(2) >= 1 && q.size(2) <= 8, "1 to 8 query heads per KV head");
+  const int64_t B = q.size(0);
+  TORCH_CHECK(block_table.scalar_type() == torch::kLong && block_table.dim() == 2 && block_table.size(0) == B
+              && lens.scalar_type() == torch::kLong && lens.numel() == B && begins.scalar_type() == torch::kLong
+              && (begins.numel() == B || begins.numel() == 0), "int64 block table [B, n], lens [B], begins [B] or empty");
+  auto qc = q.contiguous();
+  auto table = block_table.contiguous();
+  auto n = lens.contiguous();
+  auto bg = begins.contiguous();
+  auto out = torch::empty_like(qc);
+  const int64_t* bp = bg.numel() ? bg.data_ptr<int64_t>() : nullptr;
+  pybind11::gil_scoped_release no_gil;
+  with_group(q.size(2), [&](auto g) {
+    if (qc.scalar_type() == torch::kFloat)
+      run(qc.data_ptr<float>(), out.data_ptr<float>(), table.data_ptr<int64_t>(), n.data_ptr<int64_t>(), bp, g);
+    else
+      run(qc.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), table.data_ptr<int64_t>(), n.data_ptr<int64_t>(), bp, g);
+  });
+  return out;
+}
 """
 
 _SOURCE = SHARED_CPP + r"""
@@ -115,15 +256,16 @@ static inline v8 load8(const c10::Half* p) {
 }
 
 
-// One request, KV heads [h0, h1): each head's G query heads against the first `len` cached tokens.
+// One piece (paged_decode_driver): KV heads [h0, h1) of one request, blocks [j0, j1) of its table, keys
+// [begin, len); each head's G query heads (q pre-scaled) into the running softmax state m, l, acc.
 // Block by block, all the item's heads at once: a block's K (and V) rows for those heads sit side by side
 // in memory, so the hardware streams them; one head at a time reads 1/H of every line it touches.
 // G is a template constant so the G running sums of each inner loop live in registers: every K or V
 // vector is loaded once and used G times.
 template <int G, typename T>
-static void decode_one(const float* q, const T* kp, const T* vp, const int64_t* table, int64_t begin, int64_t len,
-                       float* out, int64_t H, int64_t h0, int64_t h1, int64_t D, int64_t bs, float* s, v8* acc, float* m,
-                       float* l) {
+static void decode_piece(const float* q, const T* kp, const T* vp, const int64_t* table, int64_t begin, int64_t len,
+                         int64_t j0, int64_t j1, int64_t H, int64_t h0, int64_t h1, int64_t D, int64_t bs, float* s,
+                         v8* acc, float* m, float* l) {
   const int64_t nd = D / 8, stride = H * D, nh = h1 - h0;  // 8-float chunks per head; floats per token row
   for (int64_t x = 0; x < nh * G; ++x) {
     m[x] = -INFINITY;
@@ -132,8 +274,7 @@ static void decode_one(const float* q, const T* kp, const T* vp, const int64_t* 
   }
   // Keys [begin, len): a sliding window starts at block begin / bs, inside it at t0 (blocks before it may
   // be gone: the null block)
-  const int64_t nb = (len + bs - 1) / bs;
-  for (int64_t j = begin / bs; j < nb; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     const int64_t n = std::min(bs, len - j * bs), t0 = j == begin / bs ? begin % bs : 0;
     {  // First load the block's rows back to back with nothing else to do: many cache misses in flight at
        // once, as in a plain memory copy. The arithmetic below then reads from cache. Loading inside the
@@ -152,8 +293,8 @@ static void decode_one(const float* q, const T* kp, const T* vp, const int64_t* 
       const T* vb = vp + (table[j] * bs * H + h) * D;
       // The next block's rows for this head, requested a token at a time while this block computes:
       // scattered blocks defeat the hardware prefetcher, and memory then waits on arithmetic.
-      const char* kn = j + 1 < nb ? reinterpret_cast<const char*>(kp + (table[j + 1] * bs * H + h) * D) : nullptr;
-      const char* vn = j + 1 < nb ? reinterpret_cast<const char*>(vp + (table[j + 1] * bs * H + h) * D) : nullptr;
+      const char* kn = j + 1 < j1 ? reinterpret_cast<const char*>(kp + (table[j + 1] * bs * H + h) * D) : nullptr;
+      const char* vn = j + 1 < j1 ? reinterpret_cast<const char*>(vp + (table[j + 1] * bs * H + h) * D) : nullptr;
       const float* qh = q + (h - h0) * G * D;
       float* mh = m + (h - h0) * G;
       float* lh = l + (h - h0) * G;
@@ -197,45 +338,6 @@ static void decode_one(const float* q, const T* kp, const T* vp, const int64_t* 
       }
     }
   }
-  for (int64_t x = 0; x < nh * G; ++x) {
-    const float inv = 1.f / l[x];
-    for (int64_t i = 0; i < nd; ++i) {
-      const v8 o = acc[x * nd + i] * inv;
-      std::memcpy(out + x * D + 8 * i, &o, sizeof(o));
-    }
-  }
-}
-
-template <int G, typename T>
-static void decode(const float* q, const T* kp, const T* vp, const int64_t* table, const int64_t* begins,
-                   const int64_t* lens, float* out, int64_t B, int64_t H, int64_t D, int64_t bs, int64_t nb) {
-  // Work items: whole requests when there are enough of them to share among the threads (reads stay
-  // sequential), else (request, KV head) so that even one request uses every thread. The items are cut
-  // into one contiguous run per thread of about equal cost (tokens to read): an even split by count
-  // would leave a thread idle when the long requests sit together.
-  const int64_t threads = at::get_num_threads();
-  const int64_t hp = B >= 2 * threads ? H : 1;  // heads per item
-  const int64_t per_b = H / hp, items = B * per_b;
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, items));
-  std::vector<int64_t> start(nt + 1, items);
-  int64_t total = 0;
-  for (int64_t b = 0; b < B; ++b) total += (lens[b] - begins[b]) * per_b;
-  start[0] = 0;
-  for (int64_t x = 0, done = 0, t = 1; x < items && t < nt; ++x) {
-    done += lens[x / per_b] - begins[x / per_b];
-    while (t < nt && done * nt >= total * t) start[t++] = x + 1;
-  }
-  at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
-    std::vector<float> s(G * bs), m(hp * G), l(hp * G);
-    std::vector<v8> acc(hp * G * (D / 8));
-    for (int64_t t = tb; t < te; ++t)
-      for (int64_t x = start[t]; x < start[t + 1]; ++x) {
-        const int64_t b = x / per_b, h0 = (x % per_b) * hp;
-        const int64_t len = std::min(lens[b], nb * bs);  // never past the table
-        decode_one<G, T>(q + (b * H + h0) * G * D, kp, vp, table + b * nb, std::min(begins[b], len - 1), len,
-                         out + (b * H + h0) * G * D, H, h0, h0 + hp, D, bs, s.data(), acc.data(), m.data(), l.data());
-      }
-  });
 }
 
 // ---- the small per-token ops of a layer, one pass each (in PyTorch each is several ops and a dispatch) ----
@@ -244,15 +346,8 @@ static void decode(const float* q, const T* kp, const T* vp, const int64_t* tabl
 // of bf16 ops, each rounding its result) does, so the two agree bit for bit but for fp32 summation order.
 // The bf16 conversions in plain integer arithmetic (c10's carry a NaN branch), so loops vectorize:
 // bf16 is the top half of a float; rounding to it is round-to-nearest-even on the low 16 bits.
-static inline float to_f(float x) { return x; }
-static inline float to_f(c10::BFloat16 x) { uint32_t u = uint32_t(x.x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-template <typename T> static inline T from_f(float x);
-template <> inline float from_f<float>(float x) { return x; }
-template <> inline c10::BFloat16 from_f<c10::BFloat16>(float x) {
-  uint32_t u; std::memcpy(&u, &x, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);  // finite values only: activations here are never NaN or near FLT_MAX
-  return c10::BFloat16(uint16_t(u >> 16), c10::BFloat16::from_bits());
-}
+// (to_f and store_f: SHARED_CPP)
+template <typename T> static inline T from_f(float x) { T r; store_f(&r, x); return r; }
 template <typename T> static inline float rnd(float x) { return to_f(from_f<T>(x)); }  // identity for float
 
 // out = rnd(x / sqrt(mean(x^2) + eps)) * w, per row (HF's LlamaRMSNorm: normalize in fp32, cast, scale)
@@ -360,39 +455,39 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tenso
   });
 }
 
-// q [B, H, G, D] float32, pre-scaled by 1/sqrt(D); k/v blocks [num_blocks, bs, H, D];
-// block_table [B, nb] int64; lens [B] int64 (>= 1); begins [B] int64: each request sees keys
-// [begins[b], lens[b]) (0 but under a sliding window). D a multiple of 8 up to 256, G from 1 to 8.
+// q [B, H, G, D] float32 or bfloat16 (not scaled); k/v blocks [num_blocks, bs, H, D]; block_table [B, nb]
+// int64; lens [B] int64 (>= 1); begins [B] int64 or empty: request b sees keys [begins[b], lens[b]) (0
+// but under a sliding window). D a multiple of 8 up to 256, G from 1 to 8. Returns [B, H, G, D] in q's dtype.
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_blocks, torch::Tensor v_blocks,
-                           torch::Tensor block_table, torch::Tensor lens, torch::Tensor begins) {
-  TORCH_CHECK(q.scalar_type() == torch::kFloat && q.is_contiguous() && q.dim() == 4, "q: contiguous float32 [B, H, G, D]");
-  TORCH_CHECK(k_blocks.is_contiguous() && v_blocks.is_contiguous() && k_blocks.dim() == 4, "k/v blocks: contiguous [N, bs, H, D]");
-  TORCH_CHECK(block_table.scalar_type() == torch::kLong && lens.scalar_type() == torch::kLong
-              && begins.scalar_type() == torch::kLong && begins.numel() == lens.numel(), "int64 block table, lens and begins");
-  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3);
-  TORCH_CHECK(D % 8 == 0 && D <= 256 && G >= 1 && G <= 8, "head_dim a multiple of 8 up to 256, 1 to 8 query heads per KV head");
-  auto table = block_table.contiguous();
-  auto n = lens.contiguous();
-  auto first = begins.contiguous();
-  auto out = torch::empty_like(q);
-  pybind11::gil_scoped_release no_gil;
-  auto dispatch = [&](auto* kp) {  // the cache's element type
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
-    auto run = [&](auto g) {
-      decode<decltype(g)::value, T>(q.data_ptr<float>(), k_blocks.data_ptr<T>(), v_blocks.data_ptr<T>(),
-                                    table.data_ptr<int64_t>(), first.data_ptr<int64_t>(), n.data_ptr<int64_t>(),
-                                    out.data_ptr<float>(),
-                                    B, H, D, k_blocks.size(1), table.size(1));
+                           torch::Tensor block_table, torch::Tensor lens, torch::Tensor begins, double sm_scale) {
+  TORCH_CHECK(k_blocks.is_contiguous() && v_blocks.is_contiguous() && k_blocks.dim() == 4
+              && v_blocks.sizes() == k_blocks.sizes() && v_blocks.scalar_type() == k_blocks.scalar_type(),
+              "k/v blocks: contiguous [N, bs, H, D]");
+  const int64_t H = k_blocks.size(2), D = k_blocks.size(3), bs = k_blocks.size(1), nb = block_table.size(1);
+  TORCH_CHECK(q.dim() == 4 && q.size(1) == H && q.size(3) == D && D % 8 == 0 && D <= 256,
+              "q [B, H, G, D] matching the cache; head_dim a multiple of 8 up to 256");
+  return paged_decode_call(q, block_table, lens, begins, [&](auto* qp, auto* op, const int64_t* table,
+                                                             const int64_t* n, const int64_t* bp, auto g) {
+    constexpr int GG = decltype(g)::value;
+    auto dispatch = [&](auto* kp) {  // the cache's element type
+      using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+      const T* k = k_blocks.data_ptr<T>();
+      const T* v = v_blocks.data_ptr<T>();
+      paged_decode_driver<GG>(qp, op, bp, n, q.size(0), H, D, bs, nb, (float)sm_scale, [](int64_t e) { return e; },
+          [&](const float* qb, const Item& it, int64_t first, int64_t len, float* m, float* l, v8* acc) {
+            thread_local std::vector<float> s;
+            s.resize(GG * bs);
+            decode_piece<GG, T>(qb, k, v, table + it.b * nb, first, len, it.j0, it.j1, H, it.h0, it.h1, D, bs,
+                                s.data(), acc, m, l);
+          });
     };
-    with_group(G, run);
-  };
-  switch (k_blocks.scalar_type()) {
-    case torch::kFloat: dispatch(static_cast<float*>(nullptr)); break;
-    case torch::kBFloat16: dispatch(static_cast<c10::BFloat16*>(nullptr)); break;
-    case torch::kHalf: dispatch(static_cast<c10::Half*>(nullptr)); break;
-    default: TORCH_CHECK(false, "KV cache dtype must be float32, bfloat16 or float16");
-  }
-  return out;
+    switch (k_blocks.scalar_type()) {
+      case torch::kFloat: dispatch(static_cast<float*>(nullptr)); break;
+      case torch::kBFloat16: dispatch(static_cast<c10::BFloat16*>(nullptr)); break;
+      case torch::kHalf: dispatch(static_cast<c10::Half*>(nullptr)); break;
+      default: TORCH_CHECK(false, "KV cache dtype must be float32, bfloat16 or float16");
+    }
+  });
 }
 """
 
@@ -516,10 +611,11 @@ def paged_decode(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
     """Decode attention for q ``[B, Hkv, G, D]`` over each request's first ``lens[b]`` cached tokens
     (from ``begins[b]`` on, under a sliding window), read through ``block_table [B, n]`` from one
     layer's pool ``[num_blocks, block_size, Hkv, D]``."""
-    q_scaled = (q.float() * q.shape[-1] ** -0.5).contiguous()  # the softmax scale, once per query
-    if begins is None:
-        begins = torch.zeros_like(lens)
-    return _load().paged_decode(q_scaled, k_blocks, v_blocks, block_table, lens, begins).to(q.dtype)
+    return _load().paged_decode(q, k_blocks, v_blocks, block_table, lens, NO_BEGINS if begins is None else begins,
+                                q.shape[-1] ** -0.5)
+
+
+NO_BEGINS = torch.empty(0, dtype=torch.long)  # every request's keys from 0 (no sliding window)
 
 
 def paged_decode_reference(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,

@@ -172,23 +172,12 @@ template <bool PERM> static inline int64_t pos(int64_t e) {
   return c + (i & 1) * 8 + (i >> 1);
 }
 
-static inline float to_f(float x) { return x; }
-static inline float to_f(c10::BFloat16 x) { uint32_t u = uint32_t(x.x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-static inline void store_f(float* p, float x) { *p = x; }
-static inline void store_f(c10::BFloat16* p, float x) {  // round to nearest even (finite values)
-  uint32_t u; std::memcpy(&u, &x, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  *p = c10::BFloat16(uint16_t(u >> 16), c10::BFloat16::from_bits());
-}
 
 struct Pool {  // one layer's quantized K and V, per block [bs, H, Dc bytes] and scales [bs, H]
   const uint8_t *kc, *vc;
   const uint16_t *ks, *vs;  // scale words (float16 bits)
   int64_t H, D, bs, kDc, vDc;  // code bytes per head row of K and of V (int4: q5 keys, q4 values)
 };
-
-// One piece of work: request b, KV heads [h0, h1), its blocks [j0, j1) (tokens below len).
-struct Item { int64_t b, h0, h1, j0, j1, part; };  // part < 0: the whole request, write the output
 
 // Running state per (head, query head): m, l, and acc (D floats, in the kernel's element order).
 template <int G, int KK, int KV>
@@ -300,112 +289,17 @@ static void decode_piece(const float* q, const Pool& P, const int64_t* table, in
   }
 }
 
-template <int G, int KK, int KV, typename TQ>
-static void decode(const TQ* q, const Pool& P, const int64_t* table, const int64_t* begins, const int64_t* lens,
-                   TQ* out, int64_t B, int64_t nb, float sm_scale) {
-  const int64_t H = P.H, D = P.D, bs = P.bs, nd = D / 8;
-  const int64_t threads = at::get_num_threads();
-  // Items: whole requests when there are enough of them to share among the threads (reads stay
-  // sequential), else (request, KV head). A request longer than a fair share of the work is cut into
-  // pieces of whole blocks (each with its own softmax state, merged below), so that one long request,
-  // or one KV head (MQA), is not one thread's work while the others wait.
-  const int64_t hp = B >= 2 * threads ? H : 1;
-  std::vector<int64_t> len(B), first(B);
-  int64_t total = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    len[b] = std::max<int64_t>(0, std::min(lens[b], nb * bs));  // never past the table
-    first[b] = std::max<int64_t>(0, std::min(begins[b], len[b] - 1));
-    total += (len[b] - first[b]) * (H / hp);
-  }
-  const int64_t piece = std::max<int64_t>(4, (total / (4 * threads) + bs - 1) / bs);  // blocks per piece
-  std::vector<Item> items;
-  std::vector<int64_t> first_part(B * H, -1), num_parts(B * H, 0);
-  int64_t parts = 0;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h0 = 0; h0 < H; h0 += hp) {
-      const int64_t jb = first[b] / bs, blocks = (len[b] + bs - 1) / bs;
-      const int64_t np = std::max<int64_t>(1, (blocks - jb + piece - 1) / piece);
-      if (np > 1) { first_part[b * H + h0] = parts; num_parts[b * H + h0] = np; }
-      for (int64_t p = 0; p < np; ++p)
-        items.push_back({b, h0, h0 + hp, jb + p * piece, std::min(blocks, jb + (p + 1) * piece), np > 1 ? parts++ : -1});
-    }
-  const int64_t ni = items.size();
-  auto cost = [&](const Item& it) {
-    return (std::min(len[it.b], it.j1 * bs) - std::max(it.j0 * bs, first[it.b])) * (it.h1 - it.h0) + 1;
-  };
-  int64_t tot = 0;
-  for (const Item& it : items) tot += cost(it);
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, ni));
-  std::vector<int64_t> start(nt + 1, ni);
-  start[0] = 0;
-  for (int64_t x = 0, done = 0, t = 1; x < ni && t < nt; ++x) {  // one contiguous run of equal cost per thread
-    done += cost(items[x]);
-    while (t < nt && done * nt >= tot * t) start[t++] = x + 1;
-  }
-  // pieces' states: m, l [parts, hp, G] (hp = 1 whenever there are pieces... or H), acc [parts, hp, G, D]
-  std::vector<float> pm(parts * hp * G), pl(parts * hp * G);
-  std::vector<v8> pacc(parts * hp * G * nd);
-  constexpr bool PERM = Codec<KK>::PERM;
-  auto write_out = [&](TQ* o, const v8* a, float inv) {  // one head row, back to the natural order
-    const float* f = reinterpret_cast<const float*>(a);
-    for (int64_t e = 0; e < D; ++e) store_f(o + e, f[pos<PERM>(e)] * inv);
-  };
-  at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
-    std::vector<float> s(G * bs), ksc(bs), vsc(bs), m(hp * G), l(hp * G), qb(hp * G * D);
-    std::vector<int32_t> kzp(bs), vzp(bs);
-    std::vector<v8> acc(hp * G * nd);
-    for (int64_t t = tb; t < te; ++t)
-      for (int64_t x = start[t]; x < start[t + 1]; ++x) {
-        const Item& it = items[x];
-        const int64_t nh = it.h1 - it.h0;
-        const TQ* qi = q + (it.b * H + it.h0) * G * D;
-        for (int64_t r = 0; r < nh * G; ++r)  // q scaled, in the kernel's element order
-          for (int64_t e = 0; e < D; ++e) qb[r * D + pos<PERM>(e)] = to_f(qi[r * D + e]) * sm_scale;
-        decode_piece<G, KK, KV>(qb.data(), P, table + it.b * nb, first[it.b], len[it.b], it.h0, it.h1, it.j0, it.j1,
-                                s.data(), ksc.data(), vsc.data(), kzp.data(), vzp.data(), m.data(), l.data(), acc.data());
-        if (it.part < 0) {
-          TQ* o = out + (it.b * H + it.h0) * G * D;
-          for (int64_t r = 0; r < nh * G; ++r) write_out(o + r * D, acc.data() + r * nd, l[r] > 0.f ? 1.f / l[r] : 0.f);
-        } else {
-          std::copy(m.begin(), m.end(), pm.begin() + it.part * hp * G);
-          std::copy(l.begin(), l.end(), pl.begin() + it.part * hp * G);
-          std::copy(acc.begin(), acc.end(), pacc.begin() + it.part * hp * G * nd);
-        }
-      }
-  });
-  if (parts == 0) return;
-  at::parallel_for(0, B * H, 1, [&](int64_t xb, int64_t xe) {  // merge the pieces of each cut request
-    std::vector<v8> acc(hp * G * nd);
-    for (int64_t x = xb; x < xe; ++x) {
-      const int64_t p0 = first_part[x], np = num_parts[x];
-      if (np == 0) continue;
-      for (int64_t r = 0; r < hp * G; ++r) {
-        float mx = -INFINITY, L = 0.f;
-        for (int64_t p = 0; p < np; ++p) mx = std::max(mx, pm[(p0 + p) * hp * G + r]);
-        for (int64_t i = 0; i < nd; ++i) acc[r * nd + i] = v8{};
-        for (int64_t p = 0; p < np; ++p) {
-          const float w = std::exp(pm[(p0 + p) * hp * G + r] - mx);  // 0 for an empty piece
-          L += pl[(p0 + p) * hp * G + r] * w;
-          for (int64_t i = 0; i < nd; ++i) acc[r * nd + i] += pacc[((p0 + p) * hp * G + r) * nd + i] * w;
-        }
-        write_out(out + x * G * D + r * D, acc.data() + r * nd, L > 0.f ? 1.f / L : 0.f);
-      }
-    }
-  });
-}
-
 // q [B, H, G, D] float32 or bfloat16 (not scaled); codes [N, bs, H, Dc] (1 byte each; K's Dc and V's may
-// differ), scales [N, bs, H] float16 (scale words); block_table [B, nb] int64; lens, begins [B] int64:
+// differ), scales [N, bs, H] float16 (scale words); block_table [B, nb] int64; lens [B] int64, begins [B] int64 or empty (all 0):
 // request b sees keys [begins[b], lens[b]). kind, the format: 0 int8, 1 int4 (q5 keys, q4 values),
 // 2 fp8 e4m3, 3 fp8 e5m2.
 // D a multiple of 16 up to 512, G from 1 to 8. Returns [B, H, G, D] in q's dtype.
 torch::Tensor paged_decode_quant(torch::Tensor q, torch::Tensor k_codes, torch::Tensor k_scales, torch::Tensor v_codes,
                                  torch::Tensor v_scales, torch::Tensor block_table, torch::Tensor lens,
                                  torch::Tensor begins, int64_t kind, double sm_scale) {
-  TORCH_CHECK(q.is_contiguous() && q.dim() == 4 && (q.scalar_type() == torch::kFloat || q.scalar_type() == torch::kBFloat16),
-              "q: contiguous float32 or bfloat16 [B, H, G, D]");
-  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3);
-  TORCH_CHECK(D % 16 == 0 && D <= 512 && G >= 1 && G <= 8, "head_dim a multiple of 16 up to 512, 1 to 8 query heads per KV head");
+  TORCH_CHECK(q.dim() == 4, "q: [B, H, G, D]");
+  const int64_t H = q.size(1), D = q.size(3);
+  TORCH_CHECK(D % 16 == 0 && D <= 512, "head_dim a multiple of 16 up to 512");
   TORCH_CHECK(kind >= 0 && kind <= 3, "kind: 0 int8, 1 int4, 2 fp8_e4m3, 3 fp8_e5m2");
   const int64_t kDc = code_bytes(kind == 1 ? Q5 : kind, D), vDc = code_bytes(kind == 1 ? Q4 : kind, D);
   for (const auto& [c, dc] : {std::pair{k_codes, kDc}, std::pair{v_codes, vDc}})
@@ -415,38 +309,34 @@ torch::Tensor paged_decode_quant(torch::Tensor q, torch::Tensor k_codes, torch::
   for (const auto& s : {k_scales, v_scales})
     TORCH_CHECK(s.is_contiguous() && s.scalar_type() == torch::kHalf && s.dim() == 3 && s.size(0) == k_codes.size(0)
                 && s.size(1) == k_codes.size(1) && s.size(2) == H, "k/v scales: contiguous float16 [N, bs, H]");
-  TORCH_CHECK(block_table.scalar_type() == torch::kLong && lens.scalar_type() == torch::kLong && block_table.dim() == 2
-              && block_table.size(0) == B && lens.numel() == B && begins.scalar_type() == torch::kLong
-              && begins.numel() == B, "int64 block table [B, n], lens and begins [B]");
-  auto table = block_table.contiguous();
-  auto n = lens.contiguous();
-  auto bg = begins.contiguous();
-  auto out = torch::empty_like(q);
   const Pool P{static_cast<const uint8_t*>(k_codes.data_ptr()), static_cast<const uint8_t*>(v_codes.data_ptr()),
                static_cast<const uint16_t*>(k_scales.data_ptr()), static_cast<const uint16_t*>(v_scales.data_ptr()),
                H, D, k_codes.size(1), kDc, vDc};
-  pybind11::gil_scoped_release no_gil;
-  auto with_q = [&](auto kc, auto vc) {
-    constexpr int KK = decltype(kc)::value, KV = decltype(vc)::value;
-    auto run = [&](auto g) {
-      constexpr int GG = decltype(g)::value;
-      if (q.scalar_type() == torch::kFloat)
-        decode<GG, KK, KV, float>(q.data_ptr<float>(), P, table.data_ptr<int64_t>(), bg.data_ptr<int64_t>(), n.data_ptr<int64_t>(), out.data_ptr<float>(),
-                             B, table.size(1), (float)sm_scale);
-      else
-        decode<GG, KK, KV, c10::BFloat16>(q.data_ptr<c10::BFloat16>(), P, table.data_ptr<int64_t>(), bg.data_ptr<int64_t>(), n.data_ptr<int64_t>(),
-                                     out.data_ptr<c10::BFloat16>(), B, table.size(1), (float)sm_scale);
+  const int64_t nb = block_table.size(1);
+  return paged_decode_call(q, block_table, lens, begins, [&](auto* qp, auto* op, const int64_t* table,
+                                                             const int64_t* n, const int64_t* bp, auto g) {
+    constexpr int GG = decltype(g)::value;
+    auto with_codecs = [&](auto kc, auto vc) {
+      constexpr int KK = decltype(kc)::value, KV = decltype(vc)::value;
+      constexpr bool PERM = Codec<KK>::PERM;
+      paged_decode_driver<GG>(qp, op, bp, n, q.size(0), H, D, P.bs, nb, (float)sm_scale,
+          [](int64_t e) { return pos<PERM>(e); },
+          [&](const float* qb, const Item& it, int64_t first, int64_t len, float* m, float* l, v8* acc) {
+            thread_local std::vector<float> s, ksc, vsc;
+            thread_local std::vector<int32_t> kzp, vzp;
+            s.resize(GG * P.bs); ksc.resize(P.bs); vsc.resize(P.bs); kzp.resize(P.bs); vzp.resize(P.bs);
+            decode_piece<GG, KK, KV>(qb, P, table + it.b * nb, first, len, it.h0, it.h1, it.j0, it.j1, s.data(),
+                                     ksc.data(), vsc.data(), kzp.data(), vzp.data(), m, l, acc);
+          });
     };
-    with_group(G, run);
-  };
-  using std::integral_constant;
-  switch (kind) {
-    case 0: with_q(integral_constant<int, INT8>{}, integral_constant<int, INT8>{}); break;
-    case 1: with_q(integral_constant<int, Q5>{}, integral_constant<int, Q4>{}); break;
-    case 2: with_q(integral_constant<int, E4M3>{}, integral_constant<int, E4M3>{}); break;
-    default: with_q(integral_constant<int, E5M2>{}, integral_constant<int, E5M2>{}); break;
-  }
-  return out;
+    using std::integral_constant;
+    switch (kind) {
+      case 0: with_codecs(integral_constant<int, INT8>{}, integral_constant<int, INT8>{}); break;
+      case 1: with_codecs(integral_constant<int, Q5>{}, integral_constant<int, Q4>{}); break;
+      case 2: with_codecs(integral_constant<int, E4M3>{}, integral_constant<int, E4M3>{}); break;
+      default: with_codecs(integral_constant<int, E5M2>{}, integral_constant<int, E5M2>{}); break;
+    }
+  });
 }
 
 // ---- the write: quantize new tokens' K or V rows and store them at their slots ----
@@ -578,10 +468,9 @@ def paged_decode_quant(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.T
     fmt = kv_quant(kind)
     _check_codes(k_codes, fmt.key, "keys")
     _check_codes(v_codes, fmt.value, "values")
-    if begins is None:
-        begins = torch.zeros_like(lens)
-    return _load().paged_decode_quant(q.contiguous(), k_codes, k_scales, v_codes, v_scales, block_table, lens,
-                                      begins, FORMATS.index(fmt.name), q.shape[-1] ** -0.5)
+    return _load().paged_decode_quant(q, k_codes, k_scales, v_codes, v_scales, block_table, lens,
+                                      cpu_kernels.NO_BEGINS if begins is None else begins, FORMATS.index(fmt.name),
+                                      q.shape[-1] ** -0.5)
 
 
 def paged_decode_quant_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor,

@@ -37,6 +37,26 @@ def test_paged_decode_matches_reference(B, Hkv, G, D, bs):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_long_request_cut_into_pieces(dtype):
+    """Batch 1 with 3 KV heads on 2 threads: the request's blocks are cut into pieces with their own
+    softmax states, merged at the end. q is a view of a wider row (as the qkv product gives it) and
+    comes back in its own dtype."""
+    g = torch.Generator().manual_seed(7)
+    bs, Hkv, G, D = 16, 3, 3, 64
+    k = torch.randn(64, bs, Hkv, D, generator=g).to(dtype)
+    v = torch.randn(64, bs, Hkv, D, generator=g).to(dtype)
+    table = (torch.randperm(63, generator=g) + 1)[None, :39]
+    lens = torch.tensor([613])
+    qkv = torch.randn(1, (Hkv * G + 2 * Hkv) * D, generator=g).to(dtype)
+    q = qkv[:, : Hkv * G * D].view(1, Hkv, G, D)
+    out = cpu_kernels.paged_decode(q, k, v, table, lens)
+    assert out.dtype == dtype
+    ref = cpu_kernels.paged_decode_reference(q.float(), k.float(), v.float(), table, lens)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
 def test_stale_values_past_the_length_are_ignored():
     q, k, v, table, lens = random_case(1, 4, 3, 3, 64, 16, num_blocks=64, dtype=torch.float32)
     before = cpu_kernels.paged_decode(q, k, v, table, lens)
