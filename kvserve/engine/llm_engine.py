@@ -85,8 +85,8 @@ def resolve_quantization(quantization: str | None, weight_format: str | None, de
     """(the weight setting to run, why). ``"auto"`` keeps the file's own quantization on the CPU, as
     llama.cpp does: a 4-bit GGUF runs int4 (SmolLM2's Q4_1 layers: the same values, 0.625 instead of 2
     bytes per weight read each decode step, 1.96x the bf16 batch-1 decode speed on the Sapphire Rapids
-    machine; teacher-forced agreement with the float model 100 %: docs/benchmarks.md) where torch's
-    int4 kernel has AVX-512, int8 elsewhere (AVX2: faster there); an 8-bit one int8 (Q8_0's blocks: 97.8 %). Float checkpoints, and CUDA, run in the model dtype. ``"none"``: the model dtype always (the
+    machine; teacher-forced agreement with the float model 100 %: docs/benchmarks.md), an 8-bit one
+    int8 (Q8_0's blocks: 97.8 %). Float checkpoints, and CUDA, run in the model dtype. ``"none"``: the model dtype always (the
     exact, HF-identical setting)."""
     if quantization in (None, "none"):
         return None, "asked for: the model dtype"
@@ -95,13 +95,8 @@ def resolve_quantization(quantization: str | None, weight_format: str | None, de
     what = f"the file stores its layers as {weight_format}" if weight_format else "the weights are floats"
     if device.type != "cpu":
         return None, f"{what}; on {device.type} the model dtype"
-    if weight_format in _GGUF_4BIT and torch.backends.cpu.get_cpu_capability() == "AVX512":
-        return "int4", f"{what}: int4 keeps 4-bit codes (read 0.625 bytes per weight per token, not 2-4)"
     if weight_format in _GGUF_4BIT:
-        # torch's int4 kernel is AVX-512 first: on AVX2 a SmolLM2 step took 12.4 ms with it, 10.3 with
-        # our int8 kernel (machine C held to AVX2, docs/benchmarks.md); int8 also keeps more bits
-        return "int8", (f"{what}: int8 keeps 8-bit codes (1.06 bytes per weight per token); on this CPU "
-                        f"({torch.backends.cpu.get_cpu_capability()}, no AVX-512) it decodes faster than int4")
+        return "int4", f"{what}: int4 keeps 4-bit codes (read 0.625 bytes per weight per token, not 2-4)"
     if weight_format in _GGUF_8BIT:
         return "int8", f"{what}: int8 keeps 8-bit codes (read 1.06 bytes per weight per token, not 2-4)"
     return None, f"{what}: the model dtype"

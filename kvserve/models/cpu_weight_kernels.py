@@ -54,18 +54,24 @@ static inline void halves_to_floats(const uint16_t* h, float* out, int64_t n) {
 // x [M, K] (fp32 or bf16) -> int16 codes per block of 32 and their scales (max |x| / 32767): 15 bits, so
 // the products below are exact integers and the rounding of x is ~3e-5 of its block's largest value
 // (bf16 activations, which torch's int8 kernel takes, keep 8 bits of each value).
+// sum: each block's sum of x, for int4's offsets (w = d q + m: sum_i w_i x_i = d sum_i q_i x_i + m sum_i x_i).
 struct XBlocks {
   std::vector<int16_t> q;
-  std::vector<float> scale;
+  std::vector<float> scale, sum;
   template <typename T>  // float or c10::BFloat16
-  XBlocks(const T* x, int64_t M, int64_t K) : q(M * K), scale(M * K / 32) {
+  XBlocks(const T* x, int64_t M, int64_t K) : q(M * K), scale(M * K / 32), sum(M * K / 32) {
     float v[32];
     for (int64_t i = 0; i < M * K / 32; ++i) {
-      float amax = 0.f;
-      for (int j = 0; j < 32; ++j) { v[j] = static_cast<float>(x[32 * i + j]); amax = std::max(amax, std::abs(v[j])); }
+      float amax = 0.f, total = 0.f;
+      for (int j = 0; j < 32; ++j) {
+        v[j] = static_cast<float>(x[32 * i + j]);
+        amax = std::max(amax, std::abs(v[j]));
+        total += v[j];
+      }
       const float inv = amax > 0.f ? 32767.f / amax : 0.f;
       for (int j = 0; j < 32; ++j) q[32 * i + j] = static_cast<int16_t>(std::nearbyint(v[j] * inv));
       scale[i] = amax / 32767.f;
+      sum[i] = total;
     }
   }
 };
@@ -80,6 +86,10 @@ static inline facc facc_zero() { return _mm512_setzero_ps(); }
 static inline wide widen(const int8_t* c) {
   return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)));
 }
+static inline wide widen4(const uint8_t* c) {  // 16 bytes: codes 0-15 in the low nibbles, 16-31 in the high
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c)), f = _mm_set1_epi8(15);
+  return _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), f), _mm_and_si128(b, f)));
+}
 static inline facc block_dot(wide w, const int16_t* xq, float scale, facc acc) {
   const __m512i p = _mm512_madd_epi16(w, _mm512_loadu_si512(xq));
   return _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(scale), acc);
@@ -92,6 +102,10 @@ static inline facc facc_zero() { return _mm256_setzero_ps(); }
 static inline wide widen(const int8_t* c) {
   return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))),
           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))};
+}
+static inline wide widen4(const uint8_t* c) {  // 16 bytes: codes 0-15 in the low nibbles, 16-31 in the high
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c)), f = _mm_set1_epi8(15);
+  return {_mm256_cvtepu8_epi16(_mm_and_si128(b, f)), _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), f))};
 }
 static inline facc block_dot(wide w, const int16_t* xq, float scale, facc acc) {
   const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w.lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
@@ -108,6 +122,11 @@ static inline wide widen(const int8_t* c) {
   for (int i = 0; i < 32; ++i) w.v[i] = c[i];
   return w;
 }
+static inline wide widen4(const uint8_t* c) {
+  wide w;
+  for (int i = 0; i < 16; ++i) { w.v[i] = c[i] & 15; w.v[i + 16] = c[i] >> 4; }
+  return w;
+}
 static inline facc block_dot(const wide& w, const int16_t* xq, float scale, facc acc) {
   int32_t p = 0;
   for (int i = 0; i < 32; ++i) p += static_cast<int32_t>(w.v[i]) * xq[i];
@@ -122,34 +141,45 @@ static inline float facc_sum(facc a) { return a; }
 // ahead: 11.3 / 8.3 / 8.2 ms (21.7 GB/s, of the ~23 GB/s a 1 GiB sum reads), 8,192 no better.
 static constexpr int64_t PREFETCH = 4096;
 
-// y[m, n0:n1] for M rows of x; codes [N, K], scales [N, K / 32] float16 bits.
-template <int M, typename OutT>
-static void rows(const XBlocks& x, const int8_t* codes, const uint16_t* scales, OutT* y,
+// y[m, n0:n1] for M rows of x; scales [N, K / 32] float16 bits. int8 (Q4 false): codes [N, K] int8.
+// int4 (Q4): codes [N, K / 2], 16 bytes per block (GGUF Q4_1's order: byte j holds codes j and j + 16),
+// values d q + m with q in 0..15, mins [N, K / 32] float16 bits (m).
+template <int M, bool Q4, typename OutT>
+static void rows(const XBlocks& x, const void* codes, const uint16_t* scales, const uint16_t* mins, OutT* y,
                  int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int64_t BLOCK_BYTES = Q4 ? 16 : 32;
   const int64_t nb = K / 32;
   const int16_t* xq = x.q.data();
-  std::vector<float> f(M * nb), d(nb);
+  std::vector<float> f(M * nb), d(nb), mn(Q4 ? nb : 0);
   for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* c = codes + n * K;
+    const uint8_t* c = static_cast<const uint8_t*>(codes) + n * nb * BLOCK_BYTES;
     // each block's two scales multiplied first, in plain loops over the row the compiler vectorizes (one
     // block at a time, converting and multiplying cost as much as the codes' arithmetic)
     halves_to_floats(scales + n * nb, d.data(), nb);
     for (int m = 0; m < M; ++m)
       for (int64_t b = 0; b < nb; ++b) f[m * nb + b] = d[b] * x.scale[m * nb + b];
+    float offset[M] = {};  // int4: sum_b m_b (sum of x's block b)
+    if constexpr (Q4) {
+      halves_to_floats(mins + n * nb, mn.data(), nb);
+      for (int m = 0; m < M; ++m)
+        for (int64_t b = 0; b < nb; ++b) offset[m] += mn[b] * x.sum[m * nb + b];
+    }
     facc acc[M];
     for (int m = 0; m < M; ++m) acc[m] = facc_zero();
     for (int64_t b = 0; b < nb; ++b) {
-      __builtin_prefetch(c + 32 * b + PREFETCH);
-      const wide w = widen(c + 32 * b);  // read once for all M rows
+      __builtin_prefetch(c + BLOCK_BYTES * b + PREFETCH);
+      wide w;  // read once for all M rows
+      if constexpr (Q4) w = widen4(c + BLOCK_BYTES * b);
+      else w = widen(reinterpret_cast<const int8_t*>(c) + BLOCK_BYTES * b);
       for (int m = 0; m < M; ++m) acc[m] = block_dot(w, xq + m * K + 32 * b, f[m * nb + b], acc[m]);
     }
-    for (int m = 0; m < M; ++m) y[m * N + n] = static_cast<OutT>(facc_sum(acc[m]));
+    for (int m = 0; m < M; ++m) y[m * N + n] = static_cast<OutT>(facc_sum(acc[m]) + offset[m]);
   }
 }
 
-template <typename T, typename OutT>
-static torch::Tensor int8_block_mm_as(const torch::Tensor& x, const int8_t* cp, const uint16_t* sp,
-                                      int64_t M, int64_t K, int64_t N) {
+template <bool Q4, typename T, typename OutT>
+static torch::Tensor block_mm_as(const torch::Tensor& x, const void* cp, const uint16_t* sp, const uint16_t* mp,
+                                 int64_t M, int64_t K, int64_t N) {
   // read and written in x's dtype (or fp32 out): no conversions around the call
   auto y = torch::empty({M, N}, x.options().dtype(c10::CppTypeToScalarType<OutT>::value));
   OutT* yp = static_cast<OutT*>(y.data_ptr());
@@ -159,31 +189,48 @@ static torch::Tensor int8_block_mm_as(const torch::Tensor& x, const int8_t* cp, 
   const int64_t grain = std::max<int64_t>(1, 16384 / K);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     switch (M) {
-      case 1: rows<1>(xb, cp, sp, yp, K, N, n0, n1); break;
-      case 2: rows<2>(xb, cp, sp, yp, K, N, n0, n1); break;
-      case 3: rows<3>(xb, cp, sp, yp, K, N, n0, n1); break;
-      default: rows<4>(xb, cp, sp, yp, K, N, n0, n1); break;
+      case 1: rows<1, Q4>(xb, cp, sp, mp, yp, K, N, n0, n1); break;
+      case 2: rows<2, Q4>(xb, cp, sp, mp, yp, K, N, n0, n1); break;
+      case 3: rows<3, Q4>(xb, cp, sp, mp, yp, K, N, n0, n1); break;
+      default: rows<4, Q4>(xb, cp, sp, mp, yp, K, N, n0, n1); break;
     }
   });
   return y;
 }
 
-// float_out: the result in fp32 whatever x's dtype (the LM head: logits from the fp32 sums, not rounded to bf16)
-torch::Tensor int8_block_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, bool float_out) {
-  TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && scales.dim() == 2, "x [M, K], codes [N, K], scales [N, K/32]");
-  TORCH_CHECK(codes.scalar_type() == torch::kChar && codes.is_contiguous(), "codes: contiguous int8");
+template <bool Q4>
+static torch::Tensor block_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, const torch::Tensor* mins,
+                              bool float_out) {
+  TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && scales.dim() == 2, "x [M, K], codes [N, K or K/2], scales [N, K/32]");
+  TORCH_CHECK(codes.scalar_type() == (Q4 ? torch::kByte : torch::kChar) && codes.is_contiguous(),
+              "codes: contiguous int8 (int4: uint8, two per byte)");
   TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous(), "scales: contiguous float16");
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
-  TORCH_CHECK(codes.size(1) == K && K % 32 == 0 && scales.size(0) == N && scales.size(1) == K / 32, "shapes");
+  TORCH_CHECK(codes.size(1) == (Q4 ? K / 2 : K) && K % 32 == 0 && scales.size(0) == N && scales.size(1) == K / 32, "shapes");
   TORCH_CHECK(M >= 1 && M <= 4, "1 to 4 rows");
-  const int8_t* cp = codes.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  if (x.scalar_type() == torch::kBFloat16) {
-    if (float_out) return int8_block_mm_as<c10::BFloat16, float>(x.contiguous(), cp, sp, M, K, N);
-    return int8_block_mm_as<c10::BFloat16, c10::BFloat16>(x.contiguous(), cp, sp, M, K, N);
+  const uint16_t* mp = nullptr;
+  if (Q4) {
+    TORCH_CHECK(mins->scalar_type() == torch::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes(),
+                "mins: contiguous float16 [N, K/32]");
+    mp = reinterpret_cast<const uint16_t*>(mins->data_ptr<at::Half>());
   }
-  auto y = int8_block_mm_as<float, float>(x.to(torch::kFloat).contiguous(), cp, sp, M, K, N);
+  const void* cp = codes.data_ptr();
+  if (x.scalar_type() == torch::kBFloat16) {
+    if (float_out) return block_mm_as<Q4, c10::BFloat16, float>(x.contiguous(), cp, sp, mp, M, K, N);
+    return block_mm_as<Q4, c10::BFloat16, c10::BFloat16>(x.contiguous(), cp, sp, mp, M, K, N);
+  }
+  auto y = block_mm_as<Q4, float, float>(x.to(torch::kFloat).contiguous(), cp, sp, mp, M, K, N);
   return float_out ? y : y.to(x.scalar_type());
+}
+
+// float_out: the result in fp32 whatever x's dtype (the LM head: logits from the fp32 sums, not rounded to bf16)
+torch::Tensor int8_block_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, bool float_out) {
+  return block_mm<false>(x, codes, scales, nullptr, float_out);
+}
+
+torch::Tensor int4_block_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins, bool float_out) {
+  return block_mm<true>(x, codes, scales, &mins, float_out);
 }
 """
 
@@ -193,7 +240,7 @@ _state: dict = {"module": None, "tried": False}
 def _load():
     if not _state["tried"]:
         _state["tried"] = True
-        _state["module"] = cpu_kernels.build_extension("kvserve_weight_kernels", _SOURCE, ["int8_block_mm"],
+        _state["module"] = cpu_kernels.build_extension("kvserve_weight_kernels", _SOURCE, ["int8_block_mm", "int4_block_mm"],
                                                        "int8 weight kernel")
     return _state["module"]
 
@@ -232,3 +279,36 @@ def int8_block_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fl
 def int8_block_mm_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The same in plain PyTorch."""
     return (x.float() @ dequantize_blocks(codes, scales, torch.float32).T).to(x.dtype)
+
+
+def quantize_q4_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight [N, K]`` as 4-bit codes in GGUF Q4_1's byte order (``[N, K / 2]`` uint8: in each block of 32,
+    byte j holds code j in its low nibble and code j + 16 in its high one), float16 scales d and mins m
+    ``[N, K / 32]``: w = d q + m, q in 0..15, m the block's minimum, d its range / 15 (Q4_1's quantizer).
+    m and d are rounded to float16 before the codes are computed; a Q4_1 block's own codes come back."""
+    n, k = weight.shape
+    if k % BLOCK:
+        raise ValueError(f"int4 needs the input width ({k}) to be a multiple of {BLOCK}")
+    w = weight.float().reshape(n, k // BLOCK, BLOCK)
+    m = w.amin(-1).half()
+    d = ((w.amax(-1) - m.float()) / 15).half()
+    safe = torch.where(d.float() > 0, d.float(), torch.ones_like(d.float()))  # a constant block: every code 0
+    q = torch.round((w - m.float()[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8)
+    codes = q[..., :16] | (q[..., 16:] << 4)
+    return codes.reshape(n, k // 2).contiguous(), d.contiguous(), m.contiguous()
+
+
+def dequantize_q4_blocks(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight ``quantize_q4_blocks``' codes stand for, ``[N, K]`` in ``dtype`` (computed in fp32)."""
+    n, half = codes.shape
+    c = codes.reshape(n, half // 16, 16)
+    q = torch.cat((c & 15, c >> 4), dim=-1).float()  # [N, K / 32, 32]
+    return (q * scales.float()[..., None] + mins.float()[..., None]).reshape(n, 2 * half).to(dtype)
+
+
+def int4_block_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                  float_out: bool = False) -> torch.Tensor:
+    """``x [M, K] @ W.T`` for W as ``quantize_q4_blocks`` stores it, 1 <= M <= 4, fp32 sums; as
+    ``int8_block_mm`` with 16 bytes of codes per block and the offsets m (sum_i w_i x_i = d sum_i q_i x_i
+    + m sum_i x_i)."""
+    return _load().int4_block_mm(x, codes, scales, mins, float_out)

@@ -55,29 +55,6 @@ def _onednn_ok(weight: torch.Tensor) -> bool:
 
 
 QUANTIZATIONS = (None, "int8", "w8a8", "int4")
-INT4_GROUP = 32  # weights per (scale, zero) pair: GGUF Q4_1's block, so a Q4_1 file's codes come back exactly
-
-
-def int4_pack(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``weight`` [N, K] as 4-bit codes in torch's CPU int4 layout, [K/group, N, 2] (scale, zero), and
-    the weight those codes stand for (fp32, [N, K]).
-
-    Asymmetric, per group of ``group`` input columns: ``w = (q - 8) * scale + zero`` with q in 0..15,
-    ``scale = (max - min) / 15`` and ``zero`` the group's midpoint (torch's convention). A weight read
-    from a Q4_1 GGUF block (``d * q + m``, 32 weights) has min ``m`` and max ``m + 15 d`` whenever its
-    codes span 0..15, which Q4_1's own min/max quantizer makes them do: the same codes come back, and
-    only the scale and zero are rounded, to the model dtype."""
-    n, k = weight.shape
-    if k % group:
-        raise ValueError(f"int4 needs the input width ({k}) to be a multiple of {group}")
-    w = weight.float().reshape(n, k // group, group)
-    lo, hi = w.amin(-1), w.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-8)
-    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    zero = lo + 8 * scale
-    dequantized = ((q.reshape(n, k // group, group) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
-    return packed, torch.stack([scale, zero], -1).transpose(0, 1).contiguous(), dequantized
 
 
 class Linear:
@@ -90,21 +67,16 @@ class Linear:
 
     ``int8``: GGUF's Q8_0 layout, int8 codes with a float16 scale per 32 weights (8.5 bits per weight;
     a Q8_0 tensor's own codes come back exactly). At batch 1 decode is bound by reading weights, so
-    reading 1.06 bytes per weight instead of 2-4 is where the time goes. The product for 1-2 rows is
-    ``cpu_weight_kernels.int8_block_mm`` (C++, fp32 sums; see its docstring for why blocks and not one
-    scale per row: 97.9 % teacher-forced agreement with fp32 instead of 95.9 %). Like int4's, a GEMV
-    costs time per row: past ``INT8_MAX_ROWS`` rows the dequantized weight, kept prepacked in the model
-    dtype on the CPU, does the product (so int8 too is a decode-speed setting, not a memory one). On
-    other devices (CUDA) the weight is dequantized for each product.
-
-    ``int4`` (CPU): 4-bit codes with a scale and a zero per 32 weights (``int4_pack``), multiplied by
-    torch's ``_weight_int4pack_mm_for_cpu``; 5 bits per weight, as GGUF's Q4_1, from which the same
-    codes are recovered. Used for the layers; the LM head, which a GGUF keeps at 8 bits (Q8_0), is int8.
-    The kernel takes bf16 activations in every model dtype (with fp32 ones it has no vectorized path).
-    torch's int4 kernel costs time in proportion to the rows (it is a GEMV per row): past
-    ``INT4_MAX_ROWS`` rows (prefill, batches) the same dequantized weight, in the model dtype and
-    prepacked like a plain one, does the product. So int4 is a decode-speed setting: it keeps that
-    copy too (2.6 bytes per weight in memory with bf16), and reads 0.625 per weight per decode step.
+    reading 1.06 bytes per weight instead of 2-4 is where the time goes. ``int4``: GGUF's Q4_1 layout,
+    4-bit codes with a float16 scale and minimum per 32 weights (5 bits per weight, 0.625 bytes read;
+    a Q4_1 tensor's own codes come back). Used for the layers; the LM head, which a GGUF keeps at 8
+    bits (Q8_0), is int8. The product for 1-2 rows is ``cpu_weight_kernels.int8_block_mm`` /
+    ``int4_block_mm`` (C++, fp32 sums; see its docstring for why blocks and not one scale per row:
+    97.9 % teacher-forced agreement with fp32 instead of 95.9 % for int8). A GEMV costs time per row:
+    past ``GEMV_MAX_ROWS`` rows the dequantized weight, kept prepacked in the model dtype on the CPU,
+    does the product (so both are decode-speed settings, not memory ones: the copy takes 2 bytes per
+    weight with bf16). On other devices (CUDA) an int8 weight is dequantized for each product; int4 is
+    CPU only.
 
     ``w8a8`` (CPU) also quantizes the activations, one scale per token, at every call, and multiplies
     int8 by int8 in fbgemm: twice fp32's arithmetic rate and a quarter of its weight bytes, so batched
@@ -118,14 +90,13 @@ class Linear:
       overflow (with 8-bit weights every position came out wrong).
     """
 
-    # Past this many rows (prefill, batches) the int8 kernel loses to a plain matmul: it multiplies every
-    # row's codes again for each row of x. Measured on Sapphire Rapids (2 threads, fp32 activations), a
-    # 3072 x 576 product takes 51 / 58 / 114 us at 1 / 2 / 4 rows against ~64 / 68 / 69 for bf16 prepacked;
-    # only the largest matrices, out of cache, keep winning at 4 (Gemma 3's 262,144 x 640 head: 8.3 / 9.8 /
-    # 12.2 ms against 13.9-14.6). On the CPU the dequantized weight is kept, in the model dtype and
-    # prepacked, for those rows (as int4 does).
-    INT8_MAX_ROWS = 2
-    INT4_MAX_ROWS = 4  # measured on Sapphire Rapids: at 4 rows int4 ~ bf16 with the weight in cache, 16: 4x slower
+    # Past this many rows (prefill, batches) the int8 and int4 kernels lose to a plain matmul: they multiply
+    # every row's codes again for each row of x. Measured on Sapphire Rapids (2 threads, fp32 activations),
+    # a 3072 x 576 int8 product takes 51 / 58 / 114 us at 1 / 2 / 4 rows against ~64 / 68 / 69 for bf16
+    # prepacked; only the largest matrices, out of cache, keep winning at 4 (Gemma 3's 262,144 x 640 head:
+    # 8.3 / 9.8 / 12.2 ms against 13.9-14.6). On the CPU the dequantized weight is kept, in the model dtype
+    # and prepacked, for those rows.
+    GEMV_MAX_ROWS = 2
 
     def __init__(self, weight: torch.Tensor, quantization: str | None = None, bias: torch.Tensor | None = None):
         self.out_features = weight.shape[0]
@@ -137,7 +108,7 @@ class Linear:
         self.dense: Linear | None = None
         self.dense_rows = 0
         # [out]: Qwen2's q/k/v biases. Plain weights take it inside the product (oneDNN and F.linear add it
-        # in their epilogue); the int8 paths add it to their result.
+        # in their epilogue); the quantized paths add it to their result.
         if bias is not None and bias.shape != (self.out_features,):
             raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
         self.bias = None
@@ -160,27 +131,24 @@ class Linear:
                 warnings.simplefilter("ignore")
                 qw = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
             self.weight = torch.ops.quantized.linear_prepack(qw, None)
-        elif quantization == "int4":
-            if weight.device.type != "cpu":
+        elif quantization in ("int8", "int4"):
+            if quantization == "int4" and weight.device.type != "cpu":
                 raise ValueError("quantization='int4' runs on the CPU; use 'int8' on CUDA")
-            self.weight, scale_zeros, dense = int4_pack(weight)
-            # bf16 whatever the model dtype: torch's kernel is vectorized (AVX2 and AVX-512) only for bf16
-            # activations; with fp32 ones it runs scalar loops, 30x slower (1,348 vs 45 us for 3072 x 576)
-            self.scale_zeros = scale_zeros.to(torch.bfloat16)
-            self.dense, self.dense_rows = Linear(dense.to(weight.dtype)), self.INT4_MAX_ROWS
-        elif quantization == "int8":
-            self.weight, self.scale = cpu_weight_kernels.quantize_blocks(weight)
-            self.dense_rows = self.INT8_MAX_ROWS
+            if quantization == "int8":
+                self.weight, self.scale = cpu_weight_kernels.quantize_blocks(weight)
+            else:
+                self.weight, self.scale, self.mins = cpu_weight_kernels.quantize_q4_blocks(weight)
+            self.dense_rows = self.GEMV_MAX_ROWS
             if weight.device.type == "cpu":  # the same values the kernel multiplies by
-                self.dense = Linear(cpu_weight_kernels.dequantize_blocks(self.weight, self.scale, weight.dtype))
+                self.dense = Linear(self._dequantized(weight.dtype))
                 if not cpu_weight_kernels.available():
                     self.dense_rows = 0  # no kernel built: every product by the dequantized copy
         else:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
 
     def __call__(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
-        """``float_out``: the C++ int8 kernel may return its fp32 sums instead of rounding them to x's
-        dtype (the LM head: logits that a bf16 rounding would tie); other paths return x's dtype."""
+        """``float_out``: the C++ int8 / int4 kernels may return their fp32 sums instead of rounding them
+        to x's dtype (the LM head: logits that a bf16 rounding would tie); other paths return x's dtype."""
         if self.quantization is None and not self.prepacked:
             return F.linear(x, self.weight, self.bias)
         shape = x.shape
@@ -194,18 +162,20 @@ class Linear:
             row_max = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
             y = torch.ops.quantized.linear_dynamic(x2.float() / row_max, self.weight, False).mul_(row_max).to(x.dtype)
         elif self.quantization == "int4":
-            sz = self.scale_zeros  # the activations' dtype must match: bf16 (no-op .to calls cost ~1 us each)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2 if x2.dtype == sz.dtype else x2.to(sz.dtype),
-                                                           self.weight, INT4_GROUP, sz)
-            if y.dtype != x.dtype:
-                y = y.to(x.dtype)
+            y = cpu_weight_kernels.int4_block_mm(x2, self.weight, self.scale, self.mins, float_out)
         elif x2.is_cpu:
             y = cpu_weight_kernels.int8_block_mm(x2, self.weight, self.scale, float_out)
         else:  # int8 elsewhere (CUDA): the weight dequantized for each product, which saves memory, not time
-            y = F.linear(x2, cpu_weight_kernels.dequantize_blocks(self.weight, self.scale, x2.dtype))
+            y = F.linear(x2, self._dequantized(x2.dtype))
         if self.bias is not None:
             y = y.add_(self.bias)  # after the product: these paths are approximate anyway
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """An int8 or int4 weight as the values its codes stand for, ``[N, K]`` in ``dtype``."""
+        if self.quantization == "int4":
+            return cpu_weight_kernels.dequantize_q4_blocks(self.weight, self.scale, self.mins, dtype)
+        return cpu_weight_kernels.dequantize_blocks(self.weight, self.scale, dtype)
 
 
 class Rotary:

@@ -203,11 +203,20 @@ _GGUF_NAMES = {
 }
 
 
-def _load_gguf(path: Path, name: str, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+@functools.lru_cache(maxsize=1)
+def _gguf_reader(path: Path):
+    """The file's GGUFReader, kept for the next call: a first start reads the header to choose the weight
+    setting (``load_model_config``) and then again to load the weights, and each parse takes seconds (the
+    vocabulary, item by item). The reader memory-maps the file; it holds no tensor data of its own."""
     from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+def _load_gguf(path: Path, name: str, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     from gguf.quants import dequantize
 
-    reader = GGUFReader(path)
+    reader = _gguf_reader(path)
     cfg = _gguf_config(reader, name)
     # llama.cpp permutes Llama's Q/K rows for its interleaved RoPE; Gemma it rotates in rotate-half
     # (NeoX) form, as HF does, so those rows are stored as they are
@@ -476,9 +485,7 @@ def load_model_config(src: ModelSource) -> ModelConfig:
                     return _config_from_json(f.metadata()[_CONFIG_KEY], src.name)
             except Exception:  # noqa: BLE001 - unreadable: fall through to the GGUF header
                 continue
-    from gguf import GGUFReader
-
-    return _gguf_config(GGUFReader(src.path), src.name)
+    return _gguf_config(_gguf_reader(src.path), src.name)
 
 
 def load_weights(src: ModelSource, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

@@ -88,29 +88,53 @@ def test_unknown_quantization_is_refused():
 
 def _q4_1_weight(n: int, k: int, g: torch.Generator) -> torch.Tensor:
     """A weight as a Q4_1 GGUF stores it: per 32 weights d * q + m, q in 0..15 (spanning the range)."""
-    d = torch.rand(n, k // 32, 1, generator=g) * 0.01 + 1e-3
-    m = -8 * d + torch.randn(n, k // 32, 1, generator=g) * 1e-3
+    d = (torch.rand(n, k // 32, 1, generator=g) * 0.01 + 1e-3).half().float()  # float16 in the file
+    m = (-8 * d + torch.randn(n, k // 32, 1, generator=g) * 1e-3).half().float()
     q = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
     q[..., 0], q[..., 1] = 0, 15  # Q4_1's min/max quantizer puts the group's extremes at 0 and 15
     return (d * q + m).reshape(n, k)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 40])
 def test_int4_gives_a_q4_1_weight_back(rows):
-    """int4's codes, scales and zeros stand for exactly the Q4_1 values they came from, and both its
-    paths compute x @ W.T: the dequantized matrix past INT4_MAX_ROWS rows within fp32 rounding, torch's
-    int4 kernel up to them within bf16's (it takes bf16 activations, scales and zeros: with fp32 ones it
-    has no vectorized path)."""
-    from kvserve.models.layers import int4_pack
+    """int4's codes, scales and minimums stand for exactly the Q4_1 values they came from, and both its
+    paths compute x @ W.T: the C++ kernel up to GEMV_MAX_ROWS rows (x rounded to 15 bits per block of
+    32), the dequantized matrix past them (fp32 rounding)."""
+    from kvserve.models import cpu_weight_kernels
 
     g = torch.Generator().manual_seed(rows)
     w = _q4_1_weight(64, 96, g)
-    _, _, dequantized = int4_pack(w)
-    assert torch.allclose(dequantized, w, atol=1e-6)
+    codes, d, m = cpu_weight_kernels.quantize_q4_blocks(w)
+    assert torch.equal(cpu_weight_kernels.dequantize_q4_blocks(codes, d, m, torch.float32), w)
     x = torch.randn(rows, 96, generator=g)
     y = Linear(w, "int4")(x)
     assert y.shape == (rows, 64) and y.dtype == torch.float32
-    assert rel_err(y, x @ w.T) < (5e-3 if rows <= Linear.INT4_MAX_ROWS else 1e-5)
+    assert rel_err(y, x @ w.T) < (1e-4 if rows <= Linear.GEMV_MAX_ROWS else 1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kernel_matches_its_reference(rows, dtype):
+    """The C++ int4 GEMV (Q4_1's nibble order, float16 scale and minimum per 32) against the dequantized
+    weight in fp32, for every row count it takes, with fp32 logits on request (float_out)."""
+    from kvserve.models import cpu_weight_kernels
+
+    g = torch.Generator().manual_seed(10 + rows)
+    w = torch.randn(200, 320, generator=g) * 0.05
+    w[:, 7] *= 40  # an outlier input channel: its blocks get a wide range
+    w[3, :32] = 0.25  # a constant block: d = 0, every code 0
+    codes, d, m = cpu_weight_kernels.quantize_q4_blocks(w)
+    ref_w = cpu_weight_kernels.dequantize_q4_blocks(codes, d, m, torch.float32)
+    assert torch.equal(ref_w[3, :32], torch.full((32,), 0.25).half().float())
+    x = torch.randn(rows, 320, generator=g).to(dtype)
+    ref = x.float() @ ref_w.T
+    out = cpu_weight_kernels.int4_block_mm(x, codes, d, m)
+    assert out.dtype == dtype
+    # x is rounded to 15 bits per block, and d sum q x + m sum x is two terms that partly cancel (codes
+    # 0..15, m ~ -8 d): ~1e-4 of the result, against ~5e-2 for the 4-bit rounding of the weights
+    assert rel_err(out.float(), ref) < (5e-4 if dtype == torch.float32 else 1e-2)
+    full = cpu_weight_kernels.int4_block_mm(x, codes, d, m, float_out=True)
+    assert full.dtype == torch.float32 and rel_err(full, ref) < 5e-4
 
 
 def test_int4_on_any_weight_and_its_refusals():
@@ -119,7 +143,7 @@ def test_int4_on_any_weight_and_its_refusals():
     x = torch.randn(2, 64, generator=g)
     # 16 levels per 32 weights of a Gaussian row: ~8 % error per product, as any 4-bit format
     assert rel_err(Linear(w, "int4")(x), x @ w.T) < 0.12
-    bf = Linear(w.bfloat16(), "int4")(x.bfloat16())  # bf16 scales and zeros
+    bf = Linear(w.bfloat16(), "int4")(x.bfloat16())  # a bf16 model: the kernel reads and writes bf16
     assert bf.dtype == torch.bfloat16 and rel_err(bf.float(), x @ w.T) < 0.12
     with pytest.raises(ValueError, match="multiple of 32"):
         Linear(torch.randn(8, 40), "int4")

@@ -47,6 +47,18 @@ def test_disk_cache_is_reused_and_rebuilt_when_damaged(src, tmp_path, monkeypatc
     assert weights_file.stat().st_size > 1000  # replaced by a whole entry
 
 
+def test_a_first_start_parses_the_gguf_header_once(src, tmp_path, monkeypatch):
+    """With nothing converted yet, the engine reads the config (to choose the weight setting) and then the
+    weights: one parse of the header serves both (each takes seconds: the vocabulary, item by item)."""
+    monkeypatch.setenv(loader.CACHE_ENV, str(tmp_path))
+    loader.load_model_config.cache_clear()
+    loader._gguf_reader.cache_clear()
+    cfg = loader.load_model_config(src)
+    cfg2, _ = loader.load_weights(src, torch.bfloat16)
+    assert cfg2 == cfg
+    assert loader._gguf_reader.cache_info().misses == 1
+
+
 def test_cache_can_be_turned_off(src, monkeypatch):
     monkeypatch.setenv(loader.CACHE_ENV, "off")
     assert loader.cache_dir() is None and loader._cache_entry(src) is None
