@@ -1,4 +1,5 @@
-"""int8 weights in blocks of 32, multiplied straight from their codes (CPU, C++): GGUF's Q8_0 layout.
+"""int8 and int4 weights in blocks of 32, multiplied straight from their codes (CPU, C++): GGUF's Q8_0
+and Q4_1 layouts.
 
 Why blocks: one scale per output row (what torch's ``_weight_int8pack_mm`` takes) has to cover the
 row's largest weight, so every other weight of the row is rounded on that coarse grid. One scale per
@@ -23,6 +24,14 @@ so what counts is streaming them at the memory's rate: the codes 4 KiB ahead are
 is multiplied (the hardware prefetcher alone left each thread at ~8 GB/s). Measured on Sapphire Rapids:
 Gemma 3's 168 MB LM head at one row in 8.3 ms (21 GB/s of the ~23 a plain read gets), against 14.4 ms
 for torch's ``_weight_int8pack_mm`` on per-row codes (docs/benchmarks.md, session 13).
+
+int4 is Q4_1's block: 32 codes 0..15 in 16 bytes (byte j holds codes j and j + 16), a float16 scale d
+and minimum m, ``w = d q + m`` (5 bits per weight, 0.625 bytes read). The same loop multiplies it: the
+nibbles widened to int16, the same exact integer sums times d, plus m times the block's sum of x. On
+Sapphire Rapids a SmolLM2 decode step with int4 layers took 8.0 ms against 8.8-10.0 with torch's
+``_weight_int4pack_mm_for_cpu``, and with the machine held to AVX2 8.8-9.2 ms against 12.4-12.8
+(torch's) and 10.7-11.7 (int8): fewer bytes, the same arithmetic per block (docs/benchmarks.md,
+session 14). A session-13 int4 GEMV that paired two blocks per 32 bytes had only matched torch's.
 
 Built by ``cpu_kernels.build_extension`` (same flags, same build notice, its own extension so that
 editing one does not rebuild the others). KVSERVE_CPU_KERNELS=0 turns it off (``Linear`` then multiplies

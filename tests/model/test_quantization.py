@@ -55,11 +55,12 @@ def test_quantized_model_agrees_on_text(fp32_on_text, quantization, bar):
     assert got.perplexity <= ref.perplexity * 1.005
 
 
-def test_int8_decode_kernel_matches_its_prefill():
-    """Decode steps of one request run through the C++ int8 kernel (1-2 rows), prefill through the
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_decode_kernel_matches_its_prefill(quantization):
+    """Decode steps of one request run through the C++ int8 / int4 kernel (1-2 rows), prefill through the
     dequantized copy: the log-probabilities each path gives the same tokens at the same positions agree
     (the kernel rounds activations to 15 bits per block of 32, nothing else)."""
-    quant = make_llm(quantization="int8", enable_prefix_caching=False)
+    quant = make_llm(quantization=quantization, enable_prefix_caching=False)
     out = quant.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0),
                          use_tqdm=False)[0]
     gen = list(out.outputs[0].token_ids)
