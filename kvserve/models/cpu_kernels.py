@@ -610,12 +610,16 @@ def paged_decode(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
                  lens: torch.Tensor, begins: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention for q ``[B, Hkv, G, D]`` over each request's first ``lens[b]`` cached tokens
     (from ``begins[b]`` on, under a sliding window), read through ``block_table [B, n]`` from one
-    layer's pool ``[num_blocks, block_size, Hkv, D]``."""
+    layer's pool ``[num_blocks, block_size, Hkv, D]``. Returns q's dtype; the kernel reads and writes fp32
+    and bf16 itself, anything else (an fp16 model) goes through fp32."""
+    if q.dtype not in KERNEL_DTYPES:
+        return paged_decode(q.float(), k_blocks, v_blocks, block_table, lens, begins).to(q.dtype)
     return _load().paged_decode(q, k_blocks, v_blocks, block_table, lens, NO_BEGINS if begins is None else begins,
                                 q.shape[-1] ** -0.5)
 
 
 NO_BEGINS = torch.empty(0, dtype=torch.long)  # every request's keys from 0 (no sliding window)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ kernels read and write
 
 
 def paged_decode_reference(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,

@@ -465,6 +465,9 @@ def paged_decode_quant(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.T
     ``[num_blocks, block_size, Hkv, Dc]``, scales ``[num_blocks, block_size, Hkv]`` float16, in format
     ``kind``. Returns ``[B, Hkv, G, D]`` in q's dtype. ``begins[b]``: the first key request b sees (a
     sliding window; None: 0)."""
+    if q.dtype not in cpu_kernels.KERNEL_DTYPES:  # an fp16 model: through fp32
+        return paged_decode_quant(q.float(), k_codes, k_scales, v_codes, v_scales, block_table, lens, kind,
+                                  begins).to(q.dtype)
     fmt = kv_quant(kind)
     _check_codes(k_codes, fmt.key, "keys")
     _check_codes(v_codes, fmt.value, "values")

@@ -37,11 +37,11 @@ def test_paged_decode_matches_reference(B, Hkv, G, D, bs):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_one_long_request_cut_into_pieces(dtype):
     """Batch 1 with 3 KV heads on 2 threads: the request's blocks are cut into pieces with their own
     softmax states, merged at the end. q is a view of a wider row (as the qkv product gives it) and
-    comes back in its own dtype."""
+    comes back in its own dtype (fp16 through fp32)."""
     g = torch.Generator().manual_seed(7)
     bs, Hkv, G, D = 16, 3, 3, 64
     k = torch.randn(64, bs, Hkv, D, generator=g).to(dtype)
