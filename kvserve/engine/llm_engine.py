@@ -86,8 +86,8 @@ def resolve_quantization(quantization: str | None, weight_format: str | None, de
     llama.cpp does: a 4-bit GGUF runs int4 (SmolLM2's Q4_1 layers: the same values, 0.625 instead of 2
     bytes per weight read each decode step, 1.96x the bf16 batch-1 decode speed on the Sapphire Rapids
     machine; teacher-forced agreement with the float model 100 %: docs/benchmarks.md), an 8-bit one
-    int8 (Q8_0's blocks: 97.8 %). Float checkpoints, and CUDA, run in the model dtype. ``"none"``: the model dtype always (the
-    exact, HF-identical setting)."""
+    int8 (Q8_0's blocks: 97.8 %). Float checkpoints, and CUDA, run in the model dtype. ``"none"``: the
+    model dtype always (the exact, HF-identical setting)."""
     if quantization in (None, "none"):
         return None, "asked for: the model dtype"
     if quantization != "auto":

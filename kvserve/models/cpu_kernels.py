@@ -209,19 +209,20 @@ static void paged_decode_driver(const TQ* q, TQ* out, const int64_t* begins, con
 }
 
 // The checks and the call both decode kernels share: q [B, H, G, D] float32 or bfloat16 (made contiguous:
-// a decode's q is a view of the qkv product), block_table [B, nb] int64, lens [B] int64, begins [B] int64
-// or empty (all 0). Calls run(q, out, table, lens, begins or nullptr, G as a constant, TQ as a null pointer).
+// a decode's q is a view of the qkv product; another float type, an fp16 model's, goes through float32 and
+// comes back in its own), block_table [B, nb] int64, lens [B] int64, begins [B] int64 or empty (all 0).
+// Calls run(q, out, table, lens, begins or nullptr, G as a constant); returns out in q's dtype.
 template <typename Run>
 static torch::Tensor paged_decode_call(torch::Tensor q, torch::Tensor block_table, torch::Tensor lens, torch::Tensor begins,
                                        Run run) {
-  TORCH_CHECK(q.dim() == 4 && (q.scalar_type() == torch::kFloat || q.scalar_type() == torch::kBFloat16),
-              "q: float32 or bfloat16 [B, H, G, D]");
+  TORCH_CHECK(q.dim() == 4 && q.is_floating_point(), "q: floating point [B, H, G, D]");
   TORCH_CHECK(q.size(2) >= 1 && q.size(2) <= 8, "1 to 8 query heads per KV head");
   const int64_t B = q.size(0);
   TORCH_CHECK(block_table.scalar_type() == torch::kLong && block_table.dim() == 2 && block_table.size(0) == B
               && lens.scalar_type() == torch::kLong && lens.numel() == B && begins.scalar_type() == torch::kLong
               && (begins.numel() == B || begins.numel() == 0), "int64 block table [B, n], lens [B], begins [B] or empty");
-  auto qc = q.contiguous();
+  const bool native = q.scalar_type() == torch::kFloat || q.scalar_type() == torch::kBFloat16;
+  auto qc = native ? q.contiguous() : q.to(torch::kFloat).contiguous();
   auto table = block_table.contiguous();
   auto n = lens.contiguous();
   auto bg = begins.contiguous();
@@ -234,7 +235,7 @@ static torch::Tensor paged_decode_call(torch::Tensor q, torch::Tensor block_tabl
     else
       run(qc.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), table.data_ptr<int64_t>(), n.data_ptr<int64_t>(), bp, g);
   });
-  return out;
+  return native ? out : out.to(q.scalar_type());
 }
 """
 
@@ -455,7 +456,7 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tenso
   });
 }
 
-// q [B, H, G, D] float32 or bfloat16 (not scaled); k/v blocks [num_blocks, bs, H, D]; block_table [B, nb]
+// q [B, H, G, D] (not scaled; paged_decode_call); k/v blocks [num_blocks, bs, H, D]; block_table [B, nb]
 // int64; lens [B] int64 (>= 1); begins [B] int64 or empty: request b sees keys [begins[b], lens[b]) (0
 // but under a sliding window). D a multiple of 8 up to 256, G from 1 to 8. Returns [B, H, G, D] in q's dtype.
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_blocks, torch::Tensor v_blocks,
@@ -610,16 +611,13 @@ def paged_decode(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
                  lens: torch.Tensor, begins: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention for q ``[B, Hkv, G, D]`` over each request's first ``lens[b]`` cached tokens
     (from ``begins[b]`` on, under a sliding window), read through ``block_table [B, n]`` from one
-    layer's pool ``[num_blocks, block_size, Hkv, D]``. Returns q's dtype; the kernel reads and writes fp32
-    and bf16 itself, anything else (an fp16 model) goes through fp32."""
-    if q.dtype not in KERNEL_DTYPES:
-        return paged_decode(q.float(), k_blocks, v_blocks, block_table, lens, begins).to(q.dtype)
+    layer's pool ``[num_blocks, block_size, Hkv, D]``. Returns q's dtype (fp32 and bf16 read and written
+    as they are, an fp16 q through fp32)."""
     return _load().paged_decode(q, k_blocks, v_blocks, block_table, lens, NO_BEGINS if begins is None else begins,
                                 q.shape[-1] ** -0.5)
 
 
 NO_BEGINS = torch.empty(0, dtype=torch.long)  # every request's keys from 0 (no sliding window)
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ kernels read and write
 
 
 def paged_decode_reference(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,

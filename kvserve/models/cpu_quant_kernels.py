@@ -172,7 +172,6 @@ template <bool PERM> static inline int64_t pos(int64_t e) {
   return c + (i & 1) * 8 + (i >> 1);
 }
 
-
 struct Pool {  // one layer's quantized K and V, per block [bs, H, Dc bytes] and scales [bs, H]
   const uint8_t *kc, *vc;
   const uint16_t *ks, *vs;  // scale words (float16 bits)
@@ -289,7 +288,7 @@ static void decode_piece(const float* q, const Pool& P, const int64_t* table, in
   }
 }
 
-// q [B, H, G, D] float32 or bfloat16 (not scaled); codes [N, bs, H, Dc] (1 byte each; K's Dc and V's may
+// q [B, H, G, D] (not scaled; paged_decode_call); codes [N, bs, H, Dc] (1 byte each; K's Dc and V's may
 // differ), scales [N, bs, H] float16 (scale words); block_table [B, nb] int64; lens [B] int64, begins [B] int64 or empty (all 0):
 // request b sees keys [begins[b], lens[b]). kind, the format: 0 int8, 1 int4 (q5 keys, q4 values),
 // 2 fp8 e4m3, 3 fp8 e5m2.
@@ -465,9 +464,6 @@ def paged_decode_quant(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.T
     ``[num_blocks, block_size, Hkv, Dc]``, scales ``[num_blocks, block_size, Hkv]`` float16, in format
     ``kind``. Returns ``[B, Hkv, G, D]`` in q's dtype. ``begins[b]``: the first key request b sees (a
     sliding window; None: 0)."""
-    if q.dtype not in cpu_kernels.KERNEL_DTYPES:  # an fp16 model: through fp32
-        return paged_decode_quant(q.float(), k_codes, k_scales, v_codes, v_scales, block_table, lens, kind,
-                                  begins).to(q.dtype)
     fmt = kv_quant(kind)
     _check_codes(k_codes, fmt.key, "keys")
     _check_codes(v_codes, fmt.value, "values")

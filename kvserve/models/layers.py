@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from kvserve.models import cpu_kernels, cpu_weight_kernels
 
 
-CPU_KERNEL_DTYPES = cpu_kernels.KERNEL_DTYPES  # what the C++ per-token passes take
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ per-token passes take
 
 
 def _cpu_kernel_ok(*tensors: torch.Tensor) -> bool:

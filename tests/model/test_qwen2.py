@@ -94,7 +94,7 @@ def test_missing_bias_is_refused(qwen2_dir, tmp_path):
 
 
 @pytest.mark.parametrize("quantization", [None, "int8", "w8a8"])
-@pytest.mark.parametrize("rows", [1, 40])  # 40: int8's dequantize path, above INT8_MAX_ROWS
+@pytest.mark.parametrize("rows", [1, 40])  # 40: int8's dequantize path, above Linear.GEMV_MAX_ROWS
 def test_linear_adds_bias_on_every_path(quantization, rows):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(48, 64, generator=g) * 0.05

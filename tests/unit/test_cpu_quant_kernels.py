@@ -55,12 +55,13 @@ def test_quant_decode_matches_dequantize_then_sdpa(kind, B, Hkv, G, D, bs):
     torch.testing.assert_close(out, ref, atol=3e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])  # fp16: through fp32 in the shared entry
 @pytest.mark.parametrize("kind", KINDS)
-def test_quant_decode_bf16_queries(kind):
-    q, kc, ks, vc, vs, table, lens = quant_case(11, kind, 6, 3, 3, 64, 16, q_dtype=torch.bfloat16)
+def test_quant_decode_bf16_queries(kind, q_dtype):
+    q, kc, ks, vc, vs, table, lens = quant_case(11, kind, 6, 3, 3, 64, 16, q_dtype=q_dtype)
     out = paged_decode_quant(q, kc, ks, vc, vs, table, lens, kind)
     ref = paged_decode_quant_reference(q, kc, ks, vc, vs, table, lens, kind)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == q_dtype
     torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
 
 

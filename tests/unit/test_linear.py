@@ -31,7 +31,7 @@ def test_int8_weight_only_follows_fp32():
     w = torch.randn(64, 96, generator=g) * 0.05
     lin = Linear(w, "int8")
     x = torch.randn(40, 96, generator=g)
-    for rows in (1, 2, 3, 40):  # the C++ kernel, then the dequantized copy past INT8_MAX_ROWS
+    for rows in (1, 2, 3, 40):  # the C++ kernel, then the dequantized copy past GEMV_MAX_ROWS
         assert rel_err(lin(x[:rows]), x[:rows] @ w.T) < 0.01
     # both paths multiply by the same values: the kernel rounds x to 15 bits per block of 32, no more
     assert rel_err(lin(x[:2]), lin(x)[:2]) < 1e-4
