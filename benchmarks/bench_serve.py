@@ -11,8 +11,9 @@ Servers:
   kvserve    ``kvserve serve --model M --max-num-seqs 64`` (paged cache, continuous batching; the
              defaults: ``--quantization auto``, int4 for this Q4_1 file at up to 4 rows, the model dtype's
              dense weights above; the dtype bf16, or fp32 on an AVX2 CPU)
-  kvserve-w8a8  the same with ``--quantization w8a8``: int8 weights x per-token int8 activations, the
-             same class of arithmetic as llama.cpp's (Q4_1 weights x 8-bit activation blocks)
+  kvserve-w8a8-channel  the same with ``--quantization w8a8-channel``: int8 weights x per-token int8
+             activations in fbgemm (int32 sums), the fast batched int8 setting (called ``kvserve-w8a8``
+             before session 15, when ``w8a8`` meant this)
   llama.cpp  ``python -m llama_cpp.server --model <the same .gguf> --n_ctx 4096 --n_threads <cores>
              --interrupt_requests False``
              from llama-cpp-python, in its own venv (``--llama-python``, default ``.venv-llama/bin/python``;
@@ -158,7 +159,7 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--warmup", action="store_true", help="an untimed pass at each concurrency first")
     p.add_argument("--llama-python", default=str(ROOT / ".venv-llama" / "bin" / "python"))
-    p.add_argument("--servers", default="kvserve,kvserve-w8a8,llama.cpp")
+    p.add_argument("--servers", default="kvserve,kvserve-w8a8-channel,llama.cpp")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--kvserve-omp-wait", default="", help="OMP_WAIT_POLICY for kvserve (default: unset, OpenMP's own)")
     p.add_argument("--llama-extra-bufts", default=None, type=lambda v: v == "on", metavar="on|off",

@@ -6,7 +6,7 @@ median of ``--repeats`` (default 5) per system:
 
 - kvserve in each weight setting (``--kvserve``): ``default`` (what ``make run`` uses:
   ``quantization="auto"``, int4 for this Q4_1 file on the CPU), ``none`` (the float weights in the
-  dtype ``auto`` picks), ``fp32``, ``int8`` (weight-only, Q8_0's blocks), ``w8a8``, ``int4`` (4-bit codes + scale
+  dtype ``auto`` picks), ``fp32``, ``int8`` (weight-only, Q8_0's blocks), ``w8a8`` (8-bit activations too), ``int4`` (4-bit codes + scale
   and zero per 32 weights: Q4_1's 5 bits, LM head int8). Timed on the engine's own steps: TTFT is the prefill
   step that samples the first token; each later step is one token.
 - llama.cpp (llama-cpp-python in its own venv, ``make bench-llama``): its default, and with flash
@@ -46,7 +46,8 @@ MODEL = "smollm2-135m"
 BYTES_PER_WEIGHT = {
     "bf16": (2.0, 2.0), "fp32": (4.0, 4.0),
     "int8": (1 + 2 / 32, 1 + 2 / 32),  # Q8_0's layout: 8 bits + a 16-bit scale per 32 weights
-    "w8a8": (1.0, 1.0),  # + one scale per row: negligible
+    "w8a8": (1 + 2 / 32, 1 + 2 / 32),  # int8's codes (of the rotated weights); its LM head int8
+    "w8a8-channel": (1.0, 1.0),  # + one scale per row; its down_proj, in the model dtype, is not counted
     "int4": (0.5 + 4 / 32, 1 + 2 / 32),  # 4 bits + a 16-bit scale and zero per 32 weights; LM head int8
     # llama.cpp: the GGUF's own bytes (gguf_matrix_bytes): for SmolLM2 Q4_1 layers (16 bytes of codes + fp16
     # d and m per 32) and a Q8_0 head (32 + fp16 d)

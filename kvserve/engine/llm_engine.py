@@ -115,7 +115,8 @@ class EngineConfig:
     dtype: str | torch.dtype = "auto"
     device: str | None = None
     # "auto" (the file's own: int4 for a 4-bit GGUF on the CPU) | "none" / None (the model dtype) | "int8"
-    # (weight-only) | "w8a8" (int8 weights and activations, CPU) | "int4" (CPU)
+    # (weight-only) | "w8a8" (int8 weights and activations per block, CPU) | "w8a8-channel" (per row and per
+    # token, fbgemm, CPU) | "int4" (CPU)
     quantization: str | None = "auto"
     seed: int | None = None
     max_model_len: int | None = None  # default: the model's context length

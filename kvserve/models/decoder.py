@@ -58,9 +58,9 @@ class Decoder:
         self.tensor_parallel = tensor_parallel
         dev = lambda t: t.to(self.device)  # noqa: E731
         lin = lambda w, q=quantization, bias=None: Linear(w.to(self.device), q, bias)  # noqa: E731
-        # w8a8 leaves down_proj unquantized: its input (SiLU(gate) * up) has the widest outliers, and
+        # w8a8-channel leaves down_proj unquantized: its input (SiLU(gate) * up) has the widest outliers, and
         # quantizing it too drops agreement with fp32 from 338 to 319 of 360 teacher-forced tokens
-        down_q = None if quantization == "w8a8" else quantization
+        down_q = None if quantization == "w8a8-channel" else quantization
         self.layers: list[DecoderLayer] = []
         for i in range(cfg.num_layers):
             w = lambda name: weights[f"layers.{i}.{name}"]  # noqa: E731
@@ -109,9 +109,10 @@ class Decoder:
             )
         self.embed = dev(weights["embed"])
         self.norm = dev(weights["norm"])
-        # int4 layers, int8 LM head: a GGUF keeps its output/embedding matrix at 8 bits (Q8_0) too
+        # int4 layers, int8 LM head: a GGUF keeps its output/embedding matrix at 8 bits (Q8_0) too. w8a8
+        # layers, int8 (weight-only) head: the logits decide the token, and vLLM's W8A8 leaves lm_head out too
         self.lm_head = lin(weights["lm_head"] if "lm_head" in weights else weights["embed"],
-                           "int8" if quantization == "int4" else quantization)
+                           "int8" if quantization in ("int4", "w8a8") else quantization)
         n_pos = max_positions or cfg.max_position_embeddings
         rotary = Rotary(cfg.head_dim, cfg.rope_theta, n_pos, dtype, self.device)
         local = rotary

@@ -13,11 +13,11 @@ from tests.conftest import PROMPTS, make_llm
 NEW = 16
 
 
-@pytest.mark.parametrize("quantization", ["int8", "w8a8", "int4"])
+@pytest.mark.parametrize("quantization", ["int8", "w8a8-channel", "int4"])
 def test_quantized_model_follows_fp32(llm_paged, quantization):
-    # measured here (5 prompts x 16 = 80 positions): int8 weight-only 75, w8a8 70-74, int4 80 (its layers
-    # are the GGUF's own Q4_1 values again, its LM head the Q8_0 ones). Rounding flips only near-ties; the
-    # issue's bars (90 % for 4-bit, 97 % for 8-bit) are held on 2,046 positions of text below.
+    # measured here (5 prompts x 16 = 80 positions): int8 weight-only 75, w8a8-channel 70-74, int4 80 (its
+    # layers are the GGUF's own Q4_1 values again, its LM head the Q8_0 ones). Rounding flips only near-ties;
+    # the issue's bars (90 % for 4-bit, 97 % for 8-bit) are held on 2,046 positions of text below.
     fp32 = llm_paged.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
     seqs = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in fp32]
     starts = [len(o.prompt_token_ids) for o in fp32]
@@ -40,12 +40,13 @@ def fp32_on_text():
     return ids, perplexity(exact, ids, window=1024, top1=True)
 
 
-@pytest.mark.parametrize("quantization,bar", [("int8", 0.97), ("int4", 0.99)])
+@pytest.mark.parametrize("quantization,bar", [("int8", 0.97), ("w8a8", 0.97), ("int4", 0.99)])
 def test_quantized_model_agrees_on_text(fp32_on_text, quantization, bar):
     """Teacher-forced top-1 agreement with the fp32 model over 2,046 tokens of ``pydoc_data.topics``,
     and perplexity. Measured (issue 16): int8 97.9 % and +0.17 % (one scale per 32 weights; one per row
-    gave 95.9 %), int4 100.0 % and +0.00 % (the file's own Q4_1 and Q8_0 values: lossless), w8a8 91.0 %
-    and +2.0 % (not tested here: it rounds the activations to 8 bits, and misses the 8-bit bar)."""
+    gave 95.9 %), w8a8 97.9 % (8-bit activations per block of 32 after a Hadamard rotation; 95.9 %
+    without the rotation), int4 100.0 % and +0.00 % (the file's own Q4_1 and Q8_0 values: lossless).
+    w8a8-channel, 91.0 % and +2.0 %, is not held to the bar: one scale per weight row caps it."""
     ids, ref = fp32_on_text
     quant = make_llm(quantization=quantization, max_model_len=1025, enable_prefix_caching=False)
     got = perplexity(quant, ids, window=1024, top1=True)
@@ -59,7 +60,10 @@ def test_quantized_model_agrees_on_text(fp32_on_text, quantization, bar):
 def test_decode_kernel_matches_its_prefill(quantization):
     """Decode steps of one request run through the C++ int8 / int4 kernel (1-2 rows), prefill through the
     dequantized copy: the log-probabilities each path gives the same tokens at the same positions agree
-    (the kernel rounds activations to 15 bits per block of 32, nothing else)."""
+    (the kernel rounds activations to 15 bits per block of 32, nothing else). Not w8a8: its two paths
+    multiply the same values for the same x (tests/unit/test_linear.py), but the decode and prefill
+    attentions differ by ~1e-6, which flips an 8-bit rounding here and there; over 30 layers the
+    log-probabilities then differ by ~0.07."""
     quant = make_llm(quantization=quantization, enable_prefix_caching=False)
     out = quant.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0),
                          use_tqdm=False)[0]

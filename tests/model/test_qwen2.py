@@ -93,7 +93,7 @@ def test_missing_bias_is_refused(qwen2_dir, tmp_path):
         LLM(str(tmp_path), dtype="float32", max_model_len=64, num_kv_blocks=16)
 
 
-@pytest.mark.parametrize("quantization", [None, "int8", "w8a8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "w8a8", "w8a8-channel"])
 @pytest.mark.parametrize("rows", [1, 40])  # 40: int8's dequantize path, above Linear.GEMV_MAX_ROWS
 def test_linear_adds_bias_on_every_path(quantization, rows):
     g = torch.Generator().manual_seed(rows)

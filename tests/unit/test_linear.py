@@ -9,21 +9,52 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y - ref).norm() / ref.norm()).item()
 
 
+@pytest.mark.parametrize("quantization", ["w8a8", "w8a8-channel"])
 @pytest.mark.parametrize("rows", [1, 5, 64])
-def test_w8a8_follows_fp32_with_outlier_channels(rows):
+def test_w8a8_follows_fp32_with_outlier_channels(rows, quantization):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(96, 128, generator=g) * 0.05
     x = torch.randn(rows, 128, generator=g)
     x[:, 7] *= 60.0  # an outlier channel in every token, as in SmolLM2's activations
     x[-1] *= 1e-3  # and one token far smaller than the others
     ref = x @ w.T
-    y = Linear(w, "w8a8")(x)
+    y = Linear(w, quantization)(x)
     assert y.shape == ref.shape and y.dtype == torch.float32
-    # 7-bit weights, 8-bit per-token activations: ~1-3 % error here (the outlier sets each token's
-    # step); a saturating int16 pair sum, or one scale for the whole tensor, is far off (the small last
-    # row loses everything to a scale set by the others)
-    assert rel_err(y, ref) < 0.05
-    assert rel_err(y[-1:], ref[-1:]) < 0.05
+    # w8a8-channel: 7-bit weights, 8-bit per-token activations: ~1-3 % error here (the outlier sets each
+    # token's step); w8a8, 8 bits per block of 32 after the rotation: ~0.5 %. A saturating int16 pair sum,
+    # or one scale for the whole tensor, is far off (the small last row loses everything to a scale set
+    # by the others)
+    bound = 0.05 if quantization == "w8a8-channel" else 0.01
+    assert rel_err(y, ref) < bound
+    assert rel_err(y[-1:], ref[-1:]) < bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_kernel_and_dense_path_multiply_the_same_values(dtype):
+    """w8a8: the C++ GEMV (1-2 rows) rotates and rounds x itself; past GEMV_MAX_ROWS the dequantized
+    rotated weight multiplies ``w8a8_activations(x)``. Both give what the plain-PyTorch reference of the
+    rotation and rounding gives (values of the rotated x, on an 8-bit grid per block of 32), and the
+    rotation leaves the product as it was."""
+    from kvserve.models import cpu_weight_kernels as k
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(80, 192, generator=g) * 0.05
+    x = torch.randn(6, 192, generator=g)
+    x[:, 70] *= 50  # an outlier channel: the rotation spreads it over channels 64-127
+    x[2, 128:] = 0  # a group of zeros
+    assert rel_err(k.hadamard_rotate(x) @ k.hadamard_rotate(w).T, x @ w.T) < 1e-6
+    xr = k.w8a8_activations(x.to(dtype))
+    ref = k.w8a8_activations_reference(x.to(dtype))
+    assert xr.dtype == dtype and rel_err(xr.float(), ref.float()) < 1e-6
+    codes = xr.float().reshape(6, -1, 32)  # the rotated x: 8-bit codes times a scale per block
+    step = codes.abs().amax(-1, keepdim=True) / 127
+    assert rel_err(codes, (codes / step.clamp(min=1e-30)).round() * step) < (1e-6 if dtype == torch.float32 else 5e-3)
+    lin = Linear(w.to(dtype), "w8a8")  # the dense copy in the model's dtype
+    few, many = lin(x[:2].to(dtype)), lin(x.to(dtype))  # the kernel, then the dense copy
+    assert rel_err(few.float(), many[:2].float()) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(many.float(), x @ w.T) < 0.01
+    with pytest.raises(ValueError, match="multiple of 64"):
+        Linear(torch.randn(8, 96), "w8a8")
 
 
 def test_int8_weight_only_follows_fp32():
