@@ -14,6 +14,10 @@ Servers:
   kvserve-w8a8-channel  the same with ``--quantization w8a8-channel``: int8 weights x per-token int8
              activations in fbgemm (int32 sums), the fast batched int8 setting (called ``kvserve-w8a8``
              before session 15, when ``w8a8`` meant this)
+  offline    not a server: the same prompts through ``LLM`` in a process of its own, one request at a
+             time (concurrency 1 only), timed at each engine step. The reference for the server's
+             batch-1 time per output token (issue 16: within 10 % of it). The load generator shares the
+             cores with a server, not with this.
   llama.cpp  ``python -m llama_cpp.server --model <the same .gguf> --n_ctx 4096 --n_threads <cores>
              --interrupt_requests False``
              from llama-cpp-python, in its own venv (``--llama-python``, default ``.venv-llama/bin/python``;
@@ -112,7 +116,53 @@ def server_command(name: str, args: argparse.Namespace, port: int) -> tuple[list
     return cmd, f"{base}/v1/models"
 
 
+def offline_tpot(args: argparse.Namespace) -> dict:
+    """(In the child process of ``run_offline``.) The server's workload at concurrency 1 through the
+    offline engine: each prompt alone, TTFT from its arrival to its first token, TPOT = (last token -
+    first token) / (tokens - 1), as the load generator computes them."""
+    from kvserve import LLM, SamplingParams
+    from kvserve.server.bench import make_prompts, percentiles
+
+    b = args.bench
+    engine = LLM(args.model, max_num_seqs=args.max_num_seqs).engine
+    n = max(args.min_prompts, args.prompts_per_client)
+    params = SamplingParams(max_tokens=b.max_tokens, min_tokens=b.max_tokens, temperature=b.temperature,
+                            ignore_eos=b.ignore_eos)
+    ttft, tpot = [], []
+    for _ in range(2 if args.warmup else 1):
+        ttft.clear(), tpot.clear()
+        for prompt in make_prompts(n, b.input_len, b.seed):
+            t0 = time.perf_counter()
+            engine.add_request(prompt, params)
+            times, made = [], 0
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    k = len(out.outputs[0].token_ids)
+                    if k > made:
+                        times.append(time.perf_counter())
+                        made = k
+            ttft.append(times[0] - t0)
+            tpot.append((times[-1] - times[0]) / max(made - 1, 1))
+    return {"ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot), "completed": n, "failed": 0,
+            "total_output_tokens": n * b.max_tokens, "output_throughput": None, "request_throughput": None,
+            "itl_s": percentiles([]), "e2e_s": percentiles([])}
+
+
+def run_offline(args: argparse.Namespace) -> dict[int, dict]:
+    """``offline_tpot`` in a fresh process (no server, no load generator beside it), at concurrency 1."""
+    import json
+
+    cmd = [sys.executable, __file__, "--offline-child", *sys.argv[1:]]
+    res = json.loads(subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    res["mean_output_tokens"] = res["total_output_tokens"] / res["completed"]
+    print(f"  offline   c=1   TTFT p50 {res['ttft_s']['p50'] * 1000:.0f} ms  TPOT p50 {res['tpot_s']['p50'] * 1000:.1f} ms",
+          flush=True)
+    return {1: res}
+
+
 def run_server_sweep(name: str, args: argparse.Namespace) -> dict[int, dict]:
+    if name == "offline":
+        return run_offline(args)
     port = free_port()
     cmd, ready = server_command(name, args, port)
     # Each server with the OpenMP wait policy it does best with. kvserve: OpenMP's default (threads spin a
@@ -165,11 +215,17 @@ def main() -> None:
     p.add_argument("--llama-extra-bufts", default=None, type=lambda v: v == "on", metavar="on|off",
                    help="llama.cpp's extra buffer types (AMX, repacked weights); default: on unless a probe crashes")
     p.add_argument("--tag", default="")
+    p.add_argument("--offline-child", action="store_true", help=argparse.SUPPRESS)  # run_offline's process
     bench_args = add_bench_args(argparse.ArgumentParser(add_help=False))
     args, rest = p.parse_known_args()
     args.bench = bench_args.parse_args(rest)
     if args.quick:
         args.concurrency, args.rounds, args.min_prompts, args.prompts_per_client = "1,4", 1, 4, 1
+    if args.offline_child:
+        import json
+
+        print(json.dumps(offline_tpot(args)))
+        return
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     servers = args.servers.split(",")
     if "llama.cpp" in servers and not Path(args.llama_python).exists():
@@ -189,13 +245,16 @@ def main() -> None:
     def med(s: str, c: int, get) -> float | None:
         return median(get(rd[c]) for rd in rounds[s] if c in rd)
 
+    def ms(v: float | None) -> float | None:  # the offline reference has no throughput, ITL or E2E
+        return None if v is None else v * 1000
+
     metrics = {
         "output_tok_s": lambda x: x["output_throughput"],
         "request_per_s": lambda x: x["request_throughput"],
-        "ttft_p50_ms": lambda x: x["ttft_s"]["p50"] * 1000,
-        "ttft_p99_ms": lambda x: x["ttft_s"]["p99"] * 1000,
-        "tpot_p50_ms": lambda x: x["tpot_s"]["p50"] * 1000,
-        "itl_p99_ms": lambda x: x["itl_s"]["p99"] * 1000,
+        "ttft_p50_ms": lambda x: ms(x["ttft_s"]["p50"]),
+        "ttft_p99_ms": lambda x: ms(x["ttft_s"]["p99"]),
+        "tpot_p50_ms": lambda x: ms(x["tpot_s"]["p50"]),
+        "itl_p99_ms": lambda x: ms(x["itl_s"]["p99"]),
         "e2e_p50_s": lambda x: x["e2e_s"]["p50"],
         "mean_output_tokens": lambda x: x["mean_output_tokens"],
         "failed": lambda x: x["failed"],
@@ -212,6 +271,11 @@ def main() -> None:
                          fmt(m["mean_output_tokens"]), fmt(m["failed"], 0)])
     print(format_table(headers, rows))
     ratios: dict[str, dict[int, float | None]] = {}
+    tpot_vs_offline: dict[str, float | None] = {}  # issue 16: the server's batch-1 TPOT within 10 % of this
+    for s in (s for s in servers if s.startswith("kvserve") and "offline" in servers):
+        a, b = summary[s][1]["tpot_p50_ms"], summary["offline"][1]["tpot_p50_ms"]
+        tpot_vs_offline[s] = a / b if a and b else None
+        print(f"batch-1 TPOT p50 {s} / offline engine: {fmt(a)} / {fmt(b)} ms = {fmt(tpot_vs_offline[s], 3)}x")
     for s in servers if "llama.cpp" in servers else []:
         if s.startswith("kvserve"):
             ratios[s] = {}
@@ -224,7 +288,8 @@ def main() -> None:
     path = save_json(RESULTS_DIR / f"bench_serve{tag}.json", {
         "benchmark": "bench_serve", "date": now_iso(), "machine": machine, "settings": {
             k: v for k, v in vars(args).items() if k != "bench"} | {"bench": vars(args.bench)},
-        "summary": summary, "ratio_output_tok_s_vs_llama_cpp": ratios, "rounds": rounds})
+        "summary": summary, "ratio_output_tok_s_vs_llama_cpp": ratios,
+        "ratio_tpot_vs_offline": tpot_vs_offline, "rounds": rounds})
     print(f"saved {path}")
     plot(summary, args.concurrency, RESULTS_DIR / f"bench_serve{tag}.png", machine)
 
