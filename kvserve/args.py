@@ -30,7 +30,7 @@ class EngineArgs:
     model: str = DEFAULT_MODEL  # an alias, a .gguf file or a HF folder
     dtype: str = "auto"  # weights and activations; auto: bf16 on CUDA or a CPU with fast bf16, else fp32
     device: str | None = None  # None: cpu
-    quantization: str | None = "auto"  # "auto" (the file's own) | "none" | "int8" | "w8a8" | "w8a8-channel" | "int4": EngineConfig
+    quantization: str | None = "auto"  # "auto" | "none" | "int8" | "w8a8" | "w8a8-channel" | "int4": EngineConfig
     kv_cache: str = "paged"  # paged | contiguous | off
     block_size: int = 16  # tokens per paged block
     kv_cache_memory: str | int | None = None  # paged pool size ("256MiB"); None: 1 GiB
@@ -103,8 +103,8 @@ class EngineArgs:
             help="auto: the file's own (a 4-bit GGUF runs int4 on the CPU; `kvserve info` says what and why); "
                  "none: the model dtype (exact, as HF); int8: weight-only; w8a8: int8 weights and activations per "
                  "block of 32, rotated (llama.cpp's Q8_0 arithmetic; CPU); w8a8-channel: int8 weights per row x "
-                 "int8 activations per token in fbgemm (fast batches; CPU); int4: 4-bit codes with a scale and zero per 32 weights (a Q4_1 GGUF's own "
-                 "values; CPU) (default: %(default)s)")
+                 "int8 activations per token in fbgemm (fast batches; CPU); int4: 4-bit codes with a scale and "
+                 "zero per 32 weights (a Q4_1 GGUF's own values; CPU) (default: %(default)s)")
         add("kv_cache", choices=KV_CACHE_MODES,
             help="paged block pool, the seeds' contiguous cache, or none (recompute) (default: %(default)s)")
         add("block_size", type=int, help="paged block size in tokens (default: %(default)s)")

@@ -418,7 +418,7 @@ def w8a8_activations_reference(x: torch.Tensor) -> torch.Tensor:
 def w8a8_activations(x: torch.Tensor) -> torch.Tensor:
     """The same values by the C++ kernel's own rounding (``XBlocks``), so that a dense product with the
     dequantized weight gives what ``int8_block_mm(..., w8a8=True)`` gives; the reference without a build."""
-    if available():
+    if x.dtype in (torch.float32, torch.bfloat16) and available():
         return _load().w8a8_activations(x)
     return w8a8_activations_reference(x)
 
