@@ -129,8 +129,9 @@ def offline_tpot(args: argparse.Namespace) -> dict:
     params = SamplingParams(max_tokens=b.max_tokens, min_tokens=b.max_tokens, temperature=b.temperature,
                             ignore_eos=b.ignore_eos)
     ttft, tpot = [], []
-    for _ in range(2 if args.warmup else 1):
-        ttft.clear(), tpot.clear()
+    for _ in range(2 if args.warmup else 1):  # with --warmup, as the servers get: the second pass counts
+        ttft.clear()
+        tpot.clear()
         for prompt in make_prompts(n, b.input_len, b.seed):
             t0 = time.perf_counter()
             engine.add_request(prompt, params)

@@ -352,7 +352,8 @@ def main(argv=None) -> int:
         r = run_kvserve(a, wl, dtype, seqs, toks)
         results.append(r)
         print(f"  {r['system']}: {r['wall_s']:.1f} s, {r['output_tok_s']:.1f} tok/s, {r['steps']} steps, "
-              f"{r['preemptions']} preemptions (pool prefaulted in {r['prefault_s']:.1f} s, untimed)", flush=True)
+              f"{r['preemptions']} preemptions" + (f" (pool prefaulted in {r['prefault_s']:.1f} s, untimed)"
+                                                   if a.prefault == "on" else ""), flush=True)
     for q in a.quantization:
         seqs, toks = a.configs[0]
         r = run_kvserve(a, wl, dtype, seqs, toks, quantization=q)
