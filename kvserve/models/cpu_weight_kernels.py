@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import torch
 
+from kvserve.kv.quant import hadamard
 from kvserve.models import cpu_kernels
 
 BLOCK = 32  # weights per scale: GGUF Q8_0's block
@@ -128,7 +129,8 @@ struct XBlocks {
   std::vector<int16_t> q;
   std::vector<float> scale, sum;
   template <typename T>  // float or c10::BFloat16
-  XBlocks(const T* x, int64_t M, int64_t K, bool w8a8 = false) : q(M * K), scale(M * K / 32), sum(M * K / 32) {
+  XBlocks(const T* x, int64_t M, int64_t K, bool w8a8 = false)
+      : q(M * K), scale(M * K / 32), sum(w8a8 ? 0 : M * K / 32) {  // w8a8 multiplies no int4 offsets
     if (w8a8) {  // K % 64 == 0: no group spans two rows
       for (int64_t g = 0; g < M * K / 64; ++g) w8a8_group(x + 64 * g, q.data() + 64 * g, scale.data() + 2 * g);
       return;
@@ -388,22 +390,15 @@ def int8_block_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fl
 HADAMARD = 64  # w8a8 rotates activations and weights in groups of this many input channels
 
 
-def _hadamard(n: int) -> torch.Tensor:
-    """Sylvester's n x n Hadamard matrix / sqrt(n): orthogonal, symmetric, its own inverse."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return h / n ** 0.5
-
-
 def hadamard_rotate(t: torch.Tensor) -> torch.Tensor:
-    """``t [..., K]`` with each group of 64 along K multiplied by the orthogonal Hadamard matrix, in fp32.
+    """``t [..., K]`` with each group of 64 along K multiplied by the orthogonal Hadamard matrix (the one the
+    quantized KV cache rotates heads by, ``kv.quant.hadamard``), in fp32.
     Rotating x and W alike leaves ``x @ W.T`` as it was (``(x H)(W H)^T = x W^T``); what changes is
     how evenly a group's magnitude spreads over its values, which is what a rounding to 8 bits needs."""
     k = t.shape[-1]
     if k % HADAMARD:
         raise ValueError(f"w8a8 needs the input width ({k}) to be a multiple of {HADAMARD}")
-    return (t.float().reshape(*t.shape[:-1], k // HADAMARD, HADAMARD) @ _hadamard(HADAMARD)).reshape(t.shape)
+    return (t.float().reshape(*t.shape[:-1], k // HADAMARD, HADAMARD) @ hadamard(HADAMARD)).reshape(t.shape)
 
 
 def w8a8_activations_reference(x: torch.Tensor) -> torch.Tensor:
@@ -416,7 +411,7 @@ def w8a8_activations_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 def w8a8_activations(x: torch.Tensor) -> torch.Tensor:
-    """The same values by the C++ kernel's own rounding (``XBlocks``), so that a dense product with the
+    """The same values by the C++ kernel's own rotation and rounding (``w8a8_group``), so that a dense product with the
     dequantized weight gives what ``int8_block_mm(..., w8a8=True)`` gives; the reference without a build."""
     if x.dtype in (torch.float32, torch.bfloat16) and available():
         return _load().w8a8_activations(x)
