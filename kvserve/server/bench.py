@@ -7,6 +7,9 @@ Load is either a fixed number of clients (``--concurrency``) or Poisson arrivals
 
 Output tokens are the server's ``usage.completion_tokens`` when it sends usage (we ask with
 ``stream_options.include_usage``), else the number of chunks that carried text.
+
+The requests go out through the load generator's own minimal HTTP/1.1 client (``--client raw``, the
+default: it takes the least CPU from a server on the same cores) or through httpx (``--client httpx``).
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import math
 import os
 import random
 import time
+import urllib.parse
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 
 _WORDS = ("time river light stone garden music paper window market silver forest engine story winter "
@@ -50,6 +55,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="send min_tokens (vLLM, kvserve and llama-cpp-python extra): with --max-tokens, fixed lengths")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                   help="the HTTP client that streams: raw (the load generator's own, lightest on the CPU) or httpx")
     p.add_argument("--json-out", default=None, help="write the results as JSON here")
     return p
 
@@ -81,7 +88,68 @@ def percentiles(xs: list[float]) -> dict:
     return {"mean": sum(s) / len(s), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
 
 
+class _HTTPStatus(Exception):
+    def __init__(self, status: int, text: str):
+        super().__init__(f"HTTP {status}: {text[:300]}")
+
+
+async def _raw_lines(url: str, body: dict, headers: dict) -> AsyncIterator[str]:
+    """POST ``body`` as JSON; yield the response's lines as they arrive.
+
+    The load generator's own HTTP/1.1 client, on asyncio streams: one connection per request
+    (``Connection: close``), a chunked or sized body. It exists because the load generator shares the
+    machine's cores with the server it measures: httpx spent ~0.35 ms of CPU per streamed token and this
+    ~0.12 (2 cores, Sapphire Rapids), and every such millisecond is taken from the server's steps (see
+    docs/benchmarks.md, session 16). ``--client httpx`` measures through httpx instead."""
+    u = urllib.parse.urlsplit(url)
+    tls = u.scheme == "https"
+    reader, writer = await asyncio.open_connection(u.hostname, u.port or (443 if tls else 80), ssl=tls or None)
+    try:
+        payload = json.dumps(body).encode()
+        head = [f"POST {u.path or '/'}{'?' + u.query if u.query else ''} HTTP/1.1", f"Host: {u.netloc}",
+                "Content-Type: application/json", f"Content-Length: {len(payload)}", "Connection: close",
+                *(f"{k}: {v}" for k, v in headers.items())]
+        writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + payload)
+        status = int((await reader.readline()).split()[1])
+        fields = {}
+        while (line := await reader.readline()).strip():
+            name, _, value = line.decode("latin-1").partition(":")
+            fields[name.strip().lower()] = value.strip()
+        chunked = "chunked" in fields.get("transfer-encoding", "").lower()
+        size = int(fields["content-length"]) if "content-length" in fields else None
+
+        async def pieces() -> AsyncIterator[bytes]:
+            if chunked:
+                while n := int((await reader.readline()).split(b";")[0], 16):
+                    yield (await reader.readexactly(n + 2))[:-2]  # the data and its CRLF
+            elif size is not None:
+                yield await reader.readexactly(size)
+            else:
+                yield await reader.read()  # to the end: the server closes the connection
+
+        if status != 200:
+            raise _HTTPStatus(status, b"".join([p async for p in pieces()]).decode(errors="replace"))
+        rest = b""
+        async for piece in pieces():
+            *lines, rest = (rest + piece).split(b"\n")
+            for line in lines:
+                yield line.rstrip(b"\r").decode()
+        if rest:
+            yield rest.decode()
+    finally:
+        writer.close()
+
+
+async def _httpx_lines(client, url: str, body: dict, headers: dict) -> AsyncIterator[str]:
+    async with client.stream("POST", url, json=body, headers=headers) as resp:
+        if resp.status_code != 200:
+            raise _HTTPStatus(resp.status_code, (await resp.aread()).decode(errors="replace"))
+        async for line in resp.aiter_lines():
+            yield line
+
+
 async def _one(client, url: str, body: dict, headers: dict, timeout: float) -> RequestResult:
+    """One streaming request; ``client`` is an httpx.AsyncClient, or None for ``_raw_lines``."""
     import httpx
 
     r = RequestResult()
@@ -89,13 +157,12 @@ async def _one(client, url: str, body: dict, headers: dict, timeout: float) -> R
     last = None
     chunks = 0
     usage_tokens = None
-    try:
-        async with client.stream("POST", url, json=body, headers=headers, timeout=timeout) as resp:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                r.error = f"HTTP {resp.status_code}: {text[:300]}"
-                return r
-            async for line in resp.aiter_lines():
+
+    async def consume() -> None:
+        nonlocal last, chunks, usage_tokens
+        lines = _raw_lines(url, body, headers) if client is None else _httpx_lines(client, url, body, headers)
+        try:
+            async for line in lines:
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
@@ -104,7 +171,7 @@ async def _one(client, url: str, body: dict, headers: dict, timeout: float) -> R
                 obj = json.loads(data)
                 if "error" in obj:
                     r.error = str(obj["error"])[:300]
-                    return r
+                    return
                 if obj.get("usage"):
                     usage_tokens = obj["usage"].get("completion_tokens")
                     r.prompt_tokens = obj["usage"].get("prompt_tokens")
@@ -116,8 +183,17 @@ async def _one(client, url: str, body: dict, headers: dict, timeout: float) -> R
                         r.itl.append(now - last)
                     last = now
                     chunks += 1
-    except (httpx.HTTPError, json.JSONDecodeError, OSError) as e:
-        r.error = f"{type(e).__name__}: {e}"
+        finally:
+            await lines.aclose()  # the connection, at once (the loop may leave at [DONE])
+
+    try:
+        await asyncio.wait_for(consume(), timeout)
+    except asyncio.TimeoutError:
+        r.error = f"timeout: no end after {timeout:g} s"
+    except (_HTTPStatus, httpx.HTTPError, json.JSONDecodeError, OSError, ValueError, IndexError,
+            asyncio.IncompleteReadError) as e:
+        r.error = str(e) if isinstance(e, _HTTPStatus) else f"{type(e).__name__}: {e}"
+    if r.error is not None:
         return r
     r.e2e = time.perf_counter() - t0
     r.output_tokens = usage_tokens if usage_tokens is not None else chunks
@@ -153,6 +229,7 @@ async def bench(args: argparse.Namespace) -> dict:
             return b
 
         url = f"{base}/v1/completions"
+        streamer = client if args.client == "httpx" else None
         results: list[RequestResult | None] = [None] * len(prompts)
         t0 = time.perf_counter()
         if args.request_rate is not None:
@@ -160,7 +237,7 @@ async def bench(args: argparse.Namespace) -> dict:
 
             async def at(i: int, delay: float) -> None:
                 await asyncio.sleep(delay)
-                results[i] = await _one(client, url, body(prompts[i]), headers, args.timeout)
+                results[i] = await _one(streamer, url, body(prompts[i]), headers, args.timeout)
 
             t, tasks = 0.0, []
             for i in range(len(prompts)):
@@ -174,7 +251,7 @@ async def bench(args: argparse.Namespace) -> dict:
 
             async def worker() -> None:
                 for i in nxt:
-                    results[i] = await _one(client, url, body(prompts[i]), headers, args.timeout)
+                    results[i] = await _one(streamer, url, body(prompts[i]), headers, args.timeout)
 
             await asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts)))))
         duration = time.perf_counter() - t0

@@ -360,13 +360,14 @@ def test_client_hangup_aborts_and_frees_blocks(server):
 
 
 # ---------------------------------------------------------------------- bench
-def test_bench_serve(server, tmp_path):
+@pytest.mark.parametrize("client", ["raw", "httpx"])
+def test_bench_serve(server, tmp_path, client):
     from kvserve.server.bench import add_bench_args, run_bench
 
     out = tmp_path / "bench.json"
     args = add_bench_args(argparse.ArgumentParser()).parse_args(
         ["--base-url", server.url, "--api-key", API_KEY, "--num-prompts", "4", "--concurrency", "2",
-         "--max-tokens", "4", "--ignore-eos", "--input-len", "8", "--json-out", str(out)])
+         "--max-tokens", "4", "--ignore-eos", "--input-len", "8", "--json-out", str(out), "--client", client])
     assert run_bench(args) == 0
     res = json.loads(out.read_text())
     assert res["completed"] == 4 and res["failed"] == 0
@@ -374,6 +375,22 @@ def test_bench_serve(server, tmp_path):
     for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         assert set(res[key]) == {"mean", "p50", "p90", "p99"} and res[key]["p50"] > 0
     assert res["request_throughput"] > 0 and res["output_throughput"] > 0
+    assert all(len(r["itl"]) == 3 for r in res["requests"])  # every token streamed on its own
+
+
+@pytest.mark.parametrize("client", ["raw", "httpx"])
+def test_bench_serve_reports_http_errors(server, tmp_path, client):
+    """A refused request is counted as failed, with the server's status and message."""
+    from kvserve.server.bench import add_bench_args, run_bench
+
+    out = tmp_path / "bench.json"
+    args = add_bench_args(argparse.ArgumentParser()).parse_args(
+        ["--base-url", server.url, "--api-key", "wrong-key", "--model", "m", "--num-prompts", "2",
+         "--max-tokens", "2", "--json-out", str(out), "--client", client])
+    assert run_bench(args) == 1
+    res = json.loads(out.read_text())
+    assert res["completed"] == 0 and res["failed"] == 2
+    assert len(res["errors"]) == 1 and res["errors"][0].startswith("HTTP 401")
 
 
 # ---------------------------------------------------------------------- schema fuzzing
