@@ -23,6 +23,7 @@ from kvserve.kv.manager import KVCacheManager, cdiv
 from kvserve.kv.spec import KVSpec, format_bytes
 from kvserve.kv.storage import KVCache
 from kvserve.kv.tiers import DiskTier, HostTier, TieredStore, model_identity
+from kvserve.models.cpu_kernels import cpu_flags
 from kvserve.models.loader import DEFAULT_MODEL, load_model_config, load_tokenizer, resolve_model
 from kvserve.models.shard import load_model
 from kvserve.request import CompletionOutput, Request, RequestOutput, RequestStatus
@@ -39,10 +40,7 @@ def cpu_has_fast_bf16() -> bool:
     emulated on an AVX-512 one, docs/benchmarks.md) runs torch's AVX2 code, and so counts as AVX2."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return False
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
+    flags = cpu_flags()
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 

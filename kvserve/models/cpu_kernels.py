@@ -496,7 +496,8 @@ _state: dict = {"module": None, "tried": False}
 _ANNOUNCE_AFTER_S = 1.5
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The CPU's flags line from /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((line for line in f if line.startswith("flags")), "")
@@ -510,7 +511,7 @@ def build_directory(name: str) -> str:
     would rebuild the other's build in turn; and a -march=native build must never load on a CPU that
     lacks an instruction it uses."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
-    env = hashlib.sha256(f"{sys.prefix}|{torch.__version__}|{_cpu_flags()}".encode()).hexdigest()[:10]
+    env = hashlib.sha256(f"{sys.prefix}|{torch.__version__}|{cpu_flags()}".encode()).hexdigest()[:10]
     path = os.path.join(root, f"kvserve-{env}", name)
     os.makedirs(path, exist_ok=True)
     return path
@@ -520,9 +521,9 @@ def _march(capability: str) -> list[str]:
     """The instruction set to compile for: the CPU's own (-march=native), unless torch was told to run
     below it (``ATEN_CPU_CAPABILITY=avx2`` or ``default`` on an AVX-512 CPU, how the AVX2 machine is
     emulated): then that level's, so our kernels take the same code paths as on such a CPU."""
-    if capability == "avx2" and " avx512f" in _cpu_flags():
+    if capability == "avx2" and " avx512f" in cpu_flags():
         return ["-march=x86-64-v3", "-mtune=native"]  # AVX2, FMA, F16C: Haswell and Zen 3
-    if capability == "default" and " avx2" in _cpu_flags():
+    if capability == "default" and " avx2" in cpu_flags():
         return ["-march=x86-64-v2", "-mtune=native"]  # SSE4.2: the kernels' plain C++ loops
     return ["-march=native"]
 
