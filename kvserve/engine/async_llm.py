@@ -38,6 +38,17 @@ log = logging.getLogger("kvserve")
 PromptInput = str | list[int] | dict
 
 
+# The hand-off at small batches. The engine's OpenMP threads are on both cores for the whole step, so
+# the event loop's ~0.2-0.3 ms of work per streamed output (its GIL included) otherwise preempts one of
+# them mid-step, and a parallel region waits for its preempted thread. At one or two outputs the engine
+# thread instead waits, its GIL released and its core free, until the loop has written them (at most
+# HANDOFF_WAIT_S). Session 16, 2 cores, one stream: ~8.0 against ~8.5 ms per token over 9 + 9 fresh
+# servers; at 4 and 16 streams it made no difference or cost a little, as the loop's longer work then
+# overlaps the step's GIL-free kernels, so it stops at 2 (docs/benchmarks.md, "The server's decode step").
+HANDOFF_MAX_OUTPUTS = 2
+HANDOFF_WAIT_S = 0.001
+
+
 class QueueFullError(RuntimeError):
     """The number of unfinished requests is at ``max_queue``: try again later (HTTP 503)."""
 
@@ -392,13 +403,20 @@ class AsyncLLM:
             else:
                 self._last_output[rid] = out
             by_loop.setdefault(stream.loop, []).append((stream, out))
+        # One or two outputs: hand the CPU to the event loop until it has written them (see HANDOFF_*)
+        handoff = None
+        if len(by_loop) == 1 and sum(len(items) for items in by_loop.values()) <= HANDOFF_MAX_OUTPUTS:
+            handoff = threading.Event()
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(_put_all, items, handoff)
             except RuntimeError:  # the consumer's loop is closed: nobody will read these
+                handoff = None
                 for stream, out in items:
                     if not out.finished:
                         self._abort_one(stream.request_id)
+        if handoff is not None:
+            handoff.wait(HANDOFF_WAIT_S)
 
     def _fail_after_step_error(self, error: Exception) -> None:
         """A step raised. Fail the requests the engine finished without an output (a request that can
@@ -421,9 +439,14 @@ def _aborted_output(rid: str, last: RequestOutput | None, children) -> RequestOu
     return replace(last, outputs=outs, finished=True)
 
 
-def _put_all(items: list[tuple[RequestStream, RequestOutput]]) -> None:
+def _put_all(items: list[tuple[RequestStream, RequestOutput]], handoff: threading.Event | None = None) -> None:
     for stream, out in items:
         stream.put(out)
+    if handoff is not None:
+        # The consumers woken above run next, each until it waits for its next output (the chunk
+        # written to its socket); one more hop of the loop for a consumer behind a queue; then set.
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, handoff.set)
 
 
 def _post(stream: RequestStream, item) -> None:
