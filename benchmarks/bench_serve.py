@@ -4,8 +4,8 @@ Each server runs alone on the machine (started, measured at every concurrency, s
 on 127.0.0.1 and a free port, and is driven by ``kvserve bench serve`` (``kvserve/server/bench.py``):
 streaming ``/v1/completions``, ``--num-prompts`` synthetic prompts of ``--input-len`` words, greedy,
 ``--max-tokens`` tokens each, through the load generator's own light HTTP client (``--client httpx`` for
-httpx, which takes ~3x its CPU per token from the cores the server runs on). Rounds repeat the whole sweep ``--rounds`` times and alternate the
-order of the servers; figures are medians over rounds.
+httpx, which takes ~3x its CPU per token from the cores the server runs on). Rounds repeat the whole
+sweep ``--rounds`` times and alternate the order of the servers; figures are medians over rounds.
 
 Servers:
 

@@ -8,6 +8,7 @@ a command queue and gets results back on its own event loop::
       generate() --("add", ack future)-->   | drain commands: add / abort / shutdown
       aclose()   --("abort", id)------->    | step()              (only while there is work)
                                             | deliver outputs --> loop.call_soon_threadsafe
+                                            |   (1-2 outputs: wait, <= 1 ms, until the loop wrote them)
       stats()    <-- snapshot dict -------  | snapshot cache_stats + stats after each step
       inspect(fn) --("call", fn, future)-> | fn(engine) between two steps (the dashboard's view)
                                             | idle: sleep on a threading.Event
