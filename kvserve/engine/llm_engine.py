@@ -560,6 +560,7 @@ class LLMEngine:
             "blocks_cached": u.blocks_cached,
             "usage": u.usage,
             "kv_bytes_allocated": self.kv_cache.nbytes,
+            "kv_bytes_touched": self.kv_cache.touched_bytes,  # committed RAM: zeroed or written so far
             "kv_bytes_in_use": self.kv_bytes_in_use(),
             "preemptions": s.num_preemptions,
             "prefix_cache_queries": self.kv_manager.prefix_queries,

@@ -72,23 +72,38 @@ class KVCache:
 
     def zero_new(self, block_ids: list[int]) -> None:
         """Zero the blocks among ``block_ids`` that have never been used (once per block)."""
-        ids = np.asarray(block_ids, dtype=np.int64)
-        fresh = ids[~self._zeroed[ids]]
-        if fresh.size:
-            for b in fresh.tolist():
-                for t in self.tensors:
-                    t[:, b * self.block_size : (b + 1) * self.block_size].zero_()
-            self._zeroed[fresh] = True
+        ids = np.unique(np.asarray(block_ids, dtype=np.int64))
+        self._zero(ids[~self._zeroed[ids]])
 
-    def prefault(self) -> None:
-        """Zero the whole pool now, which touches every page of it: the first use of memory (a page fault
-        per page; on the VMs we measure on, ~13 ms for each fresh 2 MiB page, as the host backs it) is then
-        paid here, once, and not by the requests that first reach each block. This commits the pool's RAM
-        at once, as vLLM and llama.cpp do at startup. Benchmarks call it in their warm-up, so that they
-        time the steady state of an engine whose pool has been used."""
-        for t in self.tensors:
-            t.zero_()
-        self._zeroed[:] = True
+    def prefault(self, max_bytes: int | None = None) -> bool:
+        """Zero never-used blocks now, lowest ids first: all of them, or about ``max_bytes`` of the pool
+        (at least one block); returns whether any remain. Zeroing touches their pages, so the first use
+        of that memory (a page fault per page; on the VMs we measure on, ~13 ms for each fresh 2 MiB page,
+        as the host backs it) is paid here and not by the requests that first reach those blocks. Blocks
+        in use are never touched. The whole pool at once is what vLLM and llama.cpp do at startup and what
+        the benchmarks do in their warm-up; ``AsyncLLM`` does it in slices while it has nothing to run."""
+        fresh = np.flatnonzero(~self._zeroed)
+        if max_bytes is not None:
+            fresh = fresh[: max(1, max_bytes * self.num_blocks // self.nbytes)]
+        self._zero(fresh)
+        return not self._zeroed.all()
+
+    def _zero(self, ids: np.ndarray) -> None:
+        """Zero blocks ``ids`` (ascending, distinct) in every tensor: one ``zero_`` per run of consecutive ids."""
+        if not ids.size:
+            return
+        bs = self.block_size
+        for run in np.split(ids, np.flatnonzero(np.diff(ids) != 1) + 1):
+            lo, hi = int(run[0]) * bs, (int(run[-1]) + 1) * bs
+            for t in self.tensors:
+                t[:, lo:hi].zero_()
+        self._zeroed[ids] = True
+
+    @property
+    def touched_bytes(self) -> int:
+        """Bytes of the pool zeroed or written so far: the part whose pages the process has touched (an
+        untouched page of the ``empty`` reservation costs no RAM)."""
+        return int(self._zeroed.sum()) * self.nbytes // self.num_blocks
 
     @property
     def device(self) -> torch.device:

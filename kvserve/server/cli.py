@@ -29,6 +29,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: --model)")
     p.add_argument("--max-queue", type=int, default=None,
                    help="most unfinished requests (running + waiting); one more gets 503 (default: no limit)")
+    p.add_argument("--no-kv-prefault", dest="kv_prefault", action="store_false",
+                   help="leave the KV pool's pages untouched until requests reach them (default: touch them all while "
+                        "idle, so that a fresh server's first requests do not pay the page faults)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--trace", metavar="FILE", default=None,
                    help="on shutdown, write every engine step, request phase and block count as a Chrome/Perfetto trace")
@@ -64,7 +67,8 @@ def run_server(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("kvserve.server")
-    engine_kwargs = asdict(EngineArgs.from_cli_args(args))
+    # an AsyncLLM argument, not an engine one: each replica's AsyncLLM takes it from these too
+    engine_kwargs = {**asdict(EngineArgs.from_cli_args(args)), "prefault": args.kv_prefault}
     if args.replicas is not None or args.ray_address is not None:
         if args.trace:
             raise SystemExit("--trace records one in-process engine; it does not combine with --replicas")

@@ -36,6 +36,8 @@ _GAUGES = [
     ("kvserve_kv_cache_blocks_cached", "KV blocks held only by the prefix cache (evictable).", "blocks_cached"),
     ("kvserve_kv_cache_bytes_allocated", "Bytes of the KV pool (codes and scales of a quantized cache).",
      "kv_bytes_allocated"),
+    ("kvserve_kv_cache_bytes_touched", "Bytes of the KV pool whose pages have been touched (zeroed in idle time or "
+     "used): the part of the reservation that holds RAM.", "kv_bytes_touched"),
     ("kvserve_kv_cache_bytes_in_use", "Bytes of the KV blocks held by requests.", "kv_bytes_in_use"),
     ("kvserve_kv_cache_bytes_per_token", "KV bytes one token costs over all layers (scales included).",
      "kv_bytes_per_token"),

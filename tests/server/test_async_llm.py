@@ -195,3 +195,42 @@ def test_shutdown_aborts_in_flight_and_refuses_new_requests(make_async):
     outs = asyncio.run(run())
     assert outs[-1].outputs[0].finish_reason == "abort"
     assert not a.is_alive()
+
+
+def test_idle_time_touches_the_pool_and_leaves_requests_unchanged(llm_paged):
+    """A fresh engine's pool is reserved, not touched. ``prefault=False``: requests touch only the blocks
+    they get. By default the idle engine thread zeroes the rest, a slice at a time, until every page is
+    touched; requests sent while it does so give the offline engine's tokens."""
+    from tests.conftest import make_llm
+
+    refs = [o.outputs[0].token_ids for o in llm_paged.generate(PROMPTS, greedy(8))]
+    engine = make_llm(kv_cache="paged", num_kv_blocks=512).engine  # 368 MiB in fp32: 46 slices
+    kv = engine.kv_cache
+    assert kv.touched_bytes == kv.nbytes // 512  # the null block
+
+    async def run(a: AsyncLLM, prompts: list[str]) -> list[list[int]]:
+        async def one(p):
+            return [o async for o in a.generate(p, greedy(8))][-1].outputs[0].token_ids
+
+        return await asyncio.wait_for(asyncio.gather(*(one(p) for p in prompts)), 120)
+
+    lazy = AsyncLLM(engine=engine, prefault=False)
+    try:
+        assert asyncio.run(run(lazy, PROMPTS[:2])) == refs[:2]
+        time.sleep(0.2)  # idle
+        used = lazy.stats()["kv_bytes_touched"]
+        assert kv.nbytes // 512 < used <= 8 * kv.nbytes // 512  # 2 short prompts: a few blocks
+    finally:
+        lazy.shutdown()
+    a = AsyncLLM(engine=engine)  # requests at once, while the idle time before them has begun the pool
+    try:
+        assert asyncio.run(run(a, PROMPTS[2:])) == refs[2:]
+
+        async def touched():
+            return await wait_for(lambda: a.stats()["kv_bytes_touched"] == a.stats()["kv_bytes_allocated"], 60)
+
+        asyncio.run(touched())
+        assert kv.touched_bytes == kv.nbytes
+        assert asyncio.run(run(a, PROMPTS[:2])) == refs[:2]  # prefix-cache hits on blocks it left alone
+    finally:
+        a.shutdown()

@@ -183,15 +183,43 @@ def test_storage_moves_codes_and_scales_together(kind):
     assert torch.equal(gk[0], want[0])
     kv.zero_new([4])  # a fresh block reads as zeros (codes 0, scales 0), never NaN
     assert kv.read(0, slice(16, 20))[0].abs().max() == 0
-    # prefault (an engine's startup, or a benchmark's warm-up): every block zeroed at once, codes and
-    # scales, and counted as zeroed, so a block's first allocation no longer clears what it holds
-    for t in kv.tensors:  # garbage bytes in a block never handed out
+    # prefault (a server's idle time, a benchmark's warm-up): the never-used block zeroed, codes and
+    # scales, and counted as zeroed, so its first allocation no longer clears what it holds; the blocks
+    # in use (1-4) keep theirs
+    for t in kv.tensors:  # garbage bytes in block 5, never handed out
         t[:, 20:24].view(torch.uint8).fill_(0x7F)
-    kv.prefault()
-    assert all(t.view(torch.uint8).max() == 0 for t in kv.tensors)
+    assert kv.touched_bytes == 5 * kv.nbytes // 6
+    assert kv.prefault() is False and kv.touched_bytes == kv.nbytes
+    assert all(t[:, 20:24].view(torch.uint8).max() == 0 for t in kv.tensors)
+    assert [torch.equal(a, b) for a, b in zip(kv.read(1, slice(12, 16)), want)] == [True, True]
     kv.write(1, k, v, torch.arange(20, 24))
     kv.zero_new([5])
     assert torch.equal(kv.read(1, slice(20, 24))[0], want[0])
+
+
+def test_prefault_in_slices_zeroes_only_never_used_blocks():
+    """``prefault(max_bytes)``: about that many bytes of never-used blocks per call, lowest ids first,
+    True while some remain; a block in use keeps its K/V, and one zeroed later is not zeroed again."""
+    from kvserve.kv.spec import KVSpec, LayerKVSpec, KVCacheGroup
+    from kvserve.kv.storage import KVCache
+
+    spec = KVSpec((KVCacheGroup(LayerKVSpec(2, 8, torch.float32), (0, 1, 2)),))
+    kv = KVCache(spec, num_blocks=10, block_size=4)
+    per_block = kv.nbytes // 10
+    for t in kv.tensors:
+        t[:, 4:].fill_(float("nan"))  # what fresh memory may hold
+    kv.zero_new([3])
+    kv.write(2, torch.ones(4, 2, 8), torch.full((4, 2, 8), 2.0), torch.arange(12, 16))  # block 3 in use
+    assert kv.prefault(max_bytes=3 * per_block) is True  # blocks 1, 2, 4
+    done = lambda b: all(t[:, 4 * b : 4 * b + 4].eq(0).all() for t in kv.tensors)  # noqa: E731
+    assert [done(b) for b in range(10)] == [True, True, True, False, True, False, False, False, False, False]
+    assert kv.touched_bytes == 5 * per_block
+    assert kv.prefault(max_bytes=1) is True  # at least one block a call: block 5
+    assert kv.prefault(max_bytes=100 * per_block) is False  # the rest
+    assert all(done(b) for b in range(10) if b != 3) and kv.touched_bytes == kv.nbytes
+    k, v = kv.read(2, slice(12, 16))
+    assert k.eq(1).all() and v.eq(2).all()
+    assert kv.prefault() is False  # nothing left: a no-op
 
 
 def test_hadamard_rotation_is_orthogonal_and_helps_outlier_channels():
