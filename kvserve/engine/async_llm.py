@@ -114,6 +114,45 @@ class RequestStream:
         return self._error
 
 
+class Admission:
+    """The front door that AsyncLLM and the Ray front end (``server.replicas.ReplicaSet``) share: whether
+    requests are taken, and how many are unfinished, against ``max_queue``. ``lock`` is reentrant:
+    shutdown(wait=False) runs in a signal handler, which may interrupt this same thread inside ``admit``."""
+
+    def __init__(self, max_queue: int | None):
+        if max_queue is not None and max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1 or None, got {max_queue}")
+        self.max_queue = max_queue
+        self.lock = threading.RLock()
+        self.open = True
+        self.unfinished = 0
+
+    def admit(self, closed: str) -> None:
+        """Count one more request, or raise: EngineShutdownError(closed) once closed, QueueFullError at
+        max_queue. Called with ``lock`` held, so that what goes with the admission happens under it too."""
+        if not self.open:
+            raise EngineShutdownError(closed)
+        if self.max_queue is not None and self.unfinished >= self.max_queue:
+            raise QueueFullError(f"the server is at its limit of {self.max_queue} unfinished requests; retry later")
+        self.unfinished += 1
+
+    def release(self, stream: RequestStream) -> None:
+        """Take the stream's request off the count (once)."""
+        if stream.counted:
+            stream.counted = False
+            with self.lock:
+                self.unfinished -= 1
+
+    def close(self) -> bool:
+        """Take no more requests; True the first time."""
+        with self.lock:
+            was, self.open = self.open, False
+            return was
+
+    def stats(self) -> dict:
+        return {"num_unfinished": self.unfinished, "max_queue": self.max_queue}
+
+
 def release_openmp_threads() -> None:
     """Give back the OpenMP worker threads of the calling thread (OpenMP 5's ``omp_pause_resource_all``).
 
@@ -153,17 +192,10 @@ class AsyncLLM:
             engine = LLM(model, **llm_kwargs).engine
         elif llm_kwargs:
             raise ValueError(f"pass either engine= or LLM keyword arguments, not both (got {sorted(llm_kwargs)})")
-        if max_queue is not None and max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1 or None, got {max_queue}")
         self.engine = engine
-        self.max_queue = max_queue
+        self._door = Admission(max_queue)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        # guards _accepting and _num_unfinished. Reentrant: shutdown(wait=False) runs in a signal handler,
-        # which may interrupt this same thread inside add_request's critical section.
-        self._lock = threading.RLock()
-        self._accepting = True
-        self._num_unfinished = 0
         self._dead: BaseException | None = None
         # engine-thread state: never touched from an event loop
         self._streams: dict[str, RequestStream] = {}
@@ -195,13 +227,13 @@ class AsyncLLM:
 
     @property
     def accepting(self) -> bool:
-        return self._accepting and self._dead is None
+        return self._door.open and self._dead is None
 
     async def inspect(self, fn):
         """``fn(engine)`` run on the engine thread between two steps, so it sees a consistent state
         (the dashboard's snapshot of blocks, tree and requests); its result, awaited on this loop."""
         fut = asyncio.get_running_loop().create_future()
-        with self._lock:
+        with self._door.lock:
             if not self.accepting:
                 raise EngineShutdownError("the engine is shut down")
             self._commands.put(("call", fn, fut))
@@ -217,25 +249,21 @@ class AsyncLLM:
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         stream = RequestStream(request_id, loop)
         ack: asyncio.Future = loop.create_future()
-        with self._lock:
-            if not self.accepting:
-                raise EngineShutdownError("the engine is shut down" if self._dead is None
-                                          else f"the engine thread died: {self._dead!r}")
-            if self.max_queue is not None and self._num_unfinished >= self.max_queue:
-                raise QueueFullError(f"the server is at its limit of {self.max_queue} unfinished requests; "
-                                     "retry later")
-            self._num_unfinished += 1
-            # put under the lock: shutdown() flips _accepting under it too, so no add lands after its command
+        with self._door.lock:
+            if self._dead is not None:
+                raise EngineShutdownError(f"the engine thread died: {self._dead!r}")
+            self._door.admit("the engine is shut down")
+            # put under the lock: shutdown() closes the door under it too, so no add lands after its command
             self._commands.put(("add", stream, prompt, params or SamplingParams(), ack))
         self._wake.set()
         try:
             await ack
         except asyncio.CancelledError:
-            self._release(stream)
+            self._door.release(stream)
             self.abort(request_id)  # runs after the add in the FIFO, whether or not that succeeded
             raise
         except BaseException:
-            self._release(stream)
+            self._door.release(stream)
             raise
         return stream
 
@@ -262,7 +290,7 @@ class AsyncLLM:
 
     def close(self, stream: RequestStream) -> None:
         """Done with a stream from add_request: take it off the max_queue count, abort it if unfinished."""
-        self._release(stream)
+        self._door.release(stream)
         if not stream.finished:
             self.abort(stream.request_id)
 
@@ -272,20 +300,11 @@ class AsyncLLM:
         self._commands.put(("abort", request_id))
         self._wake.set()
 
-    def _release(self, stream: RequestStream) -> None:
-        """Take the request off the max_queue count (once)."""
-        if stream.counted:
-            stream.counted = False
-            with self._lock:
-                self._num_unfinished -= 1
-
     def shutdown(self, timeout: float | None = 30.0, wait: bool = True) -> None:
         """Stop accepting requests, abort those in flight (their consumers get "abort" outputs) and
         join the engine thread. Idempotent; ``wait=False`` only starts it (safe in a signal handler)."""
-        with self._lock:
-            if self._accepting:
-                self._accepting = False
-                self._commands.put(("shutdown",))
+        if self._door.close():  # after every admitted add in the FIFO (see add_request)
+            self._commands.put(("shutdown",))
         self._wake.set()
         if wait and self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
@@ -299,8 +318,7 @@ class AsyncLLM:
         """A snapshot safe to read from any thread: the engine's cache_stats() and stats, gathered by
         the engine thread after each step, plus the front's queue counts."""
         snap = dict(self._stats)
-        snap.update(num_unfinished=self._num_unfinished, max_queue=self.max_queue,
-                    accepting=self.accepting, pending_commands=self._commands.qsize())
+        snap.update(**self._door.stats(), accepting=self.accepting, pending_commands=self._commands.qsize())
         return snap
 
     def _publish_stats(self) -> None:  # engine thread (and once from __init__, before it starts)
@@ -339,8 +357,7 @@ class AsyncLLM:
             log.exception("the engine thread died")
             self._dead = e
         finally:
-            with self._lock:
-                self._accepting = False
+            self._door.close()
             err = self._dead or EngineShutdownError("the engine is shut down")
             self._drain_commands(final_error=err)
             for rid in list(self._streams):

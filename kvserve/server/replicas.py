@@ -42,7 +42,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from kvserve.engine.async_llm import AsyncLLM, EngineShutdownError, QueueFullError, RequestStream
+from kvserve.engine.async_llm import Admission, AsyncLLM, EngineShutdownError, RequestStream
 from kvserve.request import RequestOutput
 from kvserve.sampling_params import SamplingParams
 
@@ -185,7 +185,7 @@ class ReplicaSet:
                              "would start its own tensor-parallel workers inside a Ray actor")
         from kvserve.models.loader import DEFAULT_MODEL, load_tokenizer, resolve_model
 
-        self.max_queue = max_queue
+        self._door = Admission(max_queue)  # AsyncLLM's: the same admission and max_queue count
         self.tokenizer = load_tokenizer(resolve_model(engine_kwargs.get("model", DEFAULT_MODEL)))
         self._own_ray = not ray.is_initialized() and ray_address is None
         if not ray.is_initialized():
@@ -206,9 +206,6 @@ class ReplicaSet:
         self.max_model_len = handle.describe.remote().result()["max_model_len"]
         self.engine = None  # no engine in this process (the dashboard and /v1/models root look for one)
         self.num_failovers = 0
-        self._lock = threading.Lock()
-        self._num_unfinished = 0
-        self._accepting = True
         self._pumps: dict[int, asyncio.Task] = {}
         self._replicas: dict[str, dict] = {}
         self._stop = threading.Event()
@@ -239,11 +236,10 @@ class ReplicaSet:
         """The front end's own counts. The engines' figures are per replica (``replica_stats``): summed
         here, ratios such as KV usage would come out wrong; Prometheus sums the labelled series."""
         return {"num_replicas": len(self._replicas), "replicas_configured": self.num_replicas,
-                "num_failovers": self.num_failovers, "num_unfinished": self._num_unfinished,
-                "max_queue": self.max_queue, "accepting": self._accepting}
+                "num_failovers": self.num_failovers, **self._door.stats(), "accepting": self._door.open}
 
     def is_alive(self) -> bool:
-        return self._accepting and bool(self._replicas)
+        return self._door.open and bool(self._replicas)
 
     # ------------------------------------------------------------------ requests
     async def add_request(self, prompt: dict, params: SamplingParams | None = None,
@@ -251,13 +247,8 @@ class ReplicaSet:
         """Send one request to a replica; return once its first output (or its error) is back, so that
         a refused prompt becomes an HTTP error before any response starts."""
         request_id = request_id or uuid.uuid4().hex
-        with self._lock:
-            if not self._accepting:
-                raise EngineShutdownError("the server is shutting down")
-            if self.max_queue is not None and self._num_unfinished >= self.max_queue:
-                raise QueueFullError(f"the server is at its limit of {self.max_queue} unfinished requests; "
-                                     "retry later")
-            self._num_unfinished += 1
+        with self._door.lock:
+            self._door.admit("the server is shutting down")
         stream = RequestStream(request_id, asyncio.get_running_loop())
         req = ReplicaRequest(request_id, list(prompt["prompt_token_ids"]), prompt.get("prompt"),
                              params or SamplingParams())
@@ -287,7 +278,7 @@ class ReplicaSet:
                 gen.cancel()  # the replica's generator is closed: its engine aborts the request
                 raise
             except Exception as e:  # noqa: BLE001 - handed to the consumer, or retried
-                if _is_replica_death(e) and attempt == 0 and self._accepting:
+                if _is_replica_death(e) and attempt == 0 and self._door.open:
                     self.num_failovers += 1
                     log.warning("request %s: its replica died (%s); retrying on another", req.request_id,
                                 type(e).__name__)
@@ -298,10 +289,7 @@ class ReplicaSet:
 
     def _release(self, stream: RequestStream) -> None:
         self._pumps.pop(id(stream), None)
-        if stream.counted:
-            stream.counted = False
-            with self._lock:
-                self._num_unfinished -= 1
+        self._door.release(stream)
 
     def close(self, stream: RequestStream) -> None:
         """Done with a stream: abort it on its replica if unfinished."""
@@ -315,8 +303,7 @@ class ReplicaSet:
     def shutdown(self, timeout: float | None = 30.0, wait: bool = True) -> None:
         """Stop taking requests and cancel those in flight; with ``wait``, delete the Serve app (its
         replicas end) and leave Ray (a Ray instance this process started ends with it)."""
-        with self._lock:
-            self._accepting = False
+        self._door.close()
         for task in list(self._pumps.values()):
             task.get_loop().call_soon_threadsafe(task.cancel)
         if not wait or self._stop.is_set():
