@@ -124,13 +124,14 @@ static inline void w8a8_group(const T* x, int16_t* q, float* scale) {
 // the products below are exact integers and the rounding of x is ~3e-5 of its block's largest value
 // (bf16 activations, which torch's int8 kernel takes, keep 8 bits of each value). w8a8: 8 bits, rotated
 // (w8a8_group).
-// sum: each block's sum of x, for int4's offsets (w = d q + m: sum_i w_i x_i = d sum_i q_i x_i + m sum_i x_i).
+// sum (int4 only): each block's sum of x, for the offsets
+// (w = d q + m: sum_i w_i x_i = d sum_i q_i x_i + m sum_i x_i).
 struct XBlocks {
   std::vector<int16_t> q;
   std::vector<float> scale, sum;
   template <typename T>  // float or c10::BFloat16
-  XBlocks(const T* x, int64_t M, int64_t K, bool w8a8 = false)
-      : q(M * K), scale(M * K / 32), sum(w8a8 ? 0 : M * K / 32) {  // w8a8 multiplies no int4 offsets
+  XBlocks(const T* x, int64_t M, int64_t K, bool w8a8, bool sums)
+      : q(M * K), scale(M * K / 32), sum(sums ? M * K / 32 : 0) {
     if (w8a8) {  // K % 64 == 0: no group spans two rows
       for (int64_t g = 0; g < M * K / 64; ++g) w8a8_group(x + 64 * g, q.data() + 64 * g, scale.data() + 2 * g);
       return;
@@ -146,7 +147,7 @@ struct XBlocks {
       const float inv = amax > 0.f ? 32767.f / amax : 0.f;
       for (int j = 0; j < 32; ++j) q[32 * i + j] = static_cast<int16_t>(std::nearbyint(v[j] * inv));
       scale[i] = amax / 32767.f;
-      sum[i] = total;
+      if (sums) sum[i] = total;
     }
   }
 };
@@ -259,7 +260,7 @@ static torch::Tensor block_mm_as(const torch::Tensor& x, const void* cp, const u
   auto y = torch::empty({M, N}, x.options().dtype(c10::CppTypeToScalarType<OutT>::value));
   OutT* yp = static_cast<OutT*>(y.data_ptr());
   pybind11::gil_scoped_release no_gil;
-  const XBlocks xb(static_cast<const T*>(x.data_ptr()), M, K, w8a8);
+  const XBlocks xb(static_cast<const T*>(x.data_ptr()), M, K, w8a8, Q4);
   // ~16 KiB of codes per task at the least, so a small matrix does not pay for waking threads it cannot use
   const int64_t grain = std::max<int64_t>(1, 16384 / K);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
