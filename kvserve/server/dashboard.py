@@ -66,7 +66,8 @@ def snapshot(engine) -> dict:
         "counters": {k: stats[k] for k in ("blocks_total", "blocks_used", "blocks_cached", "blocks_free",
                                            "prefix_cache_hit_rate", "prefix_cache_hits", "preemptions",
                                            "swapped_blocks", "requests_running", "requests_waiting",
-                                           "requests_swapped", "prefix_cache_evicted_blocks")}
+                                           "requests_swapped", "prefix_cache_evicted_blocks",
+                                           "kv_bytes_touched", "kv_bytes_allocated")}
                     | {"generation_tokens": engine.stats["generation_tokens"], "steps": engine.stats["steps"]},
     }
 
@@ -133,13 +134,15 @@ def dashboard_router(async_llm, api_key: str | None) -> APIRouter:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _push(request: Request):
-        """A snapshot whenever the published stats changed (a step ran, a request came or went),
+        """A snapshot whenever the published stats changed (a step ran, a request came or went, the
+        idle engine touched more of the pool),
         checked PUSH_HZ times a second; a comment every 15 s keeps idle connections open."""
         last_sig, last_send = None, 0.0
         while not await request.is_disconnected():
             st = async_llm.stats()
             sig = tuple(st.get(k) for k in ("steps", "blocks_free", "blocks_cached", "requests_running",
-                                             "requests_waiting", "requests_swapped", "num_unfinished"))
+                                             "requests_waiting", "requests_swapped", "num_unfinished",
+                                             "kv_bytes_touched"))  # the idle prefault's progress
             now = time.monotonic()
             if sig != last_sig:
                 try:

@@ -85,6 +85,14 @@ def test_grid_matches_metrics_during_and_after_load_and_the_tree_shows_the_share
     page = browser.new_page(viewport={"width": 1300, "height": 1000})
     page.goto(f"{srv.url}/dashboard?key={API_KEY}")
     page.wait_for_selector("#grid .cell")
+    # the idle server touches its whole pool, and the page says so as /metrics does
+    alloc = srv.metric("kvserve_kv_cache_bytes_allocated")
+    deadline = time.monotonic() + 60
+    while srv.metric("kvserve_kv_cache_bytes_touched") < alloc and time.monotonic() < deadline:
+        time.sleep(0.1)
+    mib = f"{alloc / 2**20:.1f}"
+    page.wait_for_function(f"() => document.querySelector('#counter-touched b').textContent === '{mib} / {mib} MiB'",
+                           timeout=10_000)
     total = sum(metric_counts(srv).values())
     assert page.locator("#grid .cell").count() == total
 

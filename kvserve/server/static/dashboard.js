@@ -50,6 +50,8 @@ function render(s) {
   renderTree(s.tree);
 }
 
+const mib = (bytes) => (bytes / 2 ** 20).toFixed(1);
+
 function renderCounters(s) {
   const c = s.counters;
   let tps = "–";
@@ -61,6 +63,8 @@ function renderCounters(s) {
     ["preemptions", c.preemptions, "preemptions"], ["evicted blocks", c.prefix_cache_evicted_blocks, "evicted"],
     ["running / waiting / swapped", `${c.requests_running} / ${c.requests_waiting} / ${c.requests_swapped}`, "queues"],
     ["tokens / s", tps, "tps"], ["step", c.steps, "step"],
+    // the pool is reserved untouched, then touched in idle time (or by use): the part that holds RAM
+    ["KV pool touched", `${mib(c.kv_bytes_touched)} / ${mib(c.kv_bytes_allocated)} MiB`, "touched"],
   ];
   $("counters").replaceChildren(...items.map(([label, value, id]) => {
     const d = document.createElement("div");
