@@ -56,6 +56,7 @@ HANDOFF_WAIT_S = 0.001
 # prompts of ~450 tokens ran 1.6x slower until every page had been touched once. vLLM and llama.cpp touch
 # their whole pool before serving; here it costs no startup time. A slice of 8 MiB, after which the thread
 # looks for commands again, keeps a request that arrives meanwhile waiting ~1 ms (~50 ms on those VMs).
+# Under tensor parallelism this is rank 0's pool; the workers touch theirs as blocks are first used.
 PREFAULT_SLICE_BYTES = 8 << 20
 
 
