@@ -52,11 +52,12 @@ HANDOFF_WAIT_S = 0.001
 
 # Idle time prefaults the KV pool (``KVCache.prefault``), so that a fresh server's first requests do not pay
 # the first touch of the pool's pages: on the VMs we measure on a fresh 2 MiB page costs ~13 ms, ~0.8 s for
-# the 60 pages (30 layers, K and V) under the next 341 blocks of a bf16 SmolLM2 pool, and a burst of 16
-# prompts of ~450 tokens ran 1.6x slower until every page had been touched once. vLLM and llama.cpp touch
-# their whole pool before serving; here it costs no startup time. A slice of 8 MiB, after which the thread
-# looks for commands again, keeps a request that arrives meanwhile waiting ~1 ms (~50 ms on those VMs).
-# Under tensor parallelism this is rank 0's pool; the workers touch theirs as blocks are first used.
+# the 60 pages (30 layers, K and V) under the next 341 blocks of a bf16 SmolLM2 pool, and bursts of 16
+# prompts of ~460 tokens ran 1.5x slower until every page had been touched once (bench_cold_start.py).
+# vLLM and llama.cpp touch their whole pool before serving; here it costs no startup time. A slice of
+# 8 MiB, after which the thread looks for commands again, keeps a request that arrives meanwhile waiting
+# ~1 ms (~50 ms on those VMs). Under tensor parallelism this is rank 0's pool; the workers touch theirs
+# as blocks are first used.
 PREFAULT_SLICE_BYTES = 8 << 20
 
 
