@@ -45,10 +45,12 @@ from kvserve.kv.quant import RowCodec, codec, dequantize, kv_quant
 from kvserve.models import cpu_kernels
 from kvserve.models.cpu_kernels import build_extension
 
-FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")  # the C++ side numbers them in this order
-CODEC_IDS = {"int8": 0, "q4": 1, "fp8_e4m3": 2, "fp8_e5m2": 3, "q5": 4}  # and the row codecs so
+FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")  # the KV formats the decode kernel reads
+# The row codecs by number, for the C++ side: its enum Codecs is written from this dict (INT8, Q4, E4M3, ...)
+CODEC_IDS = {"int8": 0, "q4": 1, "fp8_e4m3": 2, "fp8_e5m2": 3, "q5": 4}
+_CODEC_ENUM = "enum Codecs { " + ", ".join(f"{n.removeprefix('fp8_').upper()} = {i}" for n, i in CODEC_IDS.items()) + " };\n"
 
-_SOURCE = cpu_kernels.SHARED_CPP + r"""
+_SOURCE = cpu_kernels.SHARED_CPP + _CODEC_ENUM + r"""
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -105,7 +107,7 @@ static inline v8 half8(u16x8 h) {  // eight float16 bit patterns -> floats
 // (where q5's fifth bits start); zp: the row's zero point (asymmetric codecs; 0 otherwise).
 // MUL: folded into each token's scale. PERM: a = the even elements and b = the odd ones (the nibble
 // order of q4 / q5), else a = elements 0-7, b = 8-15. ASYM: the scale word carries a zero point.
-enum Codecs { INT8 = 0, Q4 = 1, E4M3 = 2, E5M2 = 3, Q5 = 4 };
+// (enum Codecs, the codecs' numbers, heads the source: written from CODEC_IDS)
 constexpr int ZP_MASK = 31;
 template <int K> struct Codec;
 template <> struct Codec<INT8> {
@@ -290,17 +292,19 @@ static void decode_piece(const float* q, const Pool& P, const int64_t* table, in
 
 // q [B, H, G, D] (not scaled; paged_decode_call); codes [N, bs, H, Dc] (1 byte each; K's Dc and V's may
 // differ), scales [N, bs, H] float16 (scale words); block_table [B, nb] int64; lens [B] int64, begins [B] int64 or empty (all 0):
-// request b sees keys [begins[b], lens[b]). kind, the format: 0 int8, 1 int4 (q5 keys, q4 values),
-// 2 fp8 e4m3, 3 fp8 e5m2.
+// request b sees keys [begins[b], lens[b]). key_codec, value_codec: the format's two row codecs (Codecs),
+// one of the pairs built below: int8 / int8, q5 / q4 (int4), e4m3 / e4m3, e5m2 / e5m2.
 // D a multiple of 16 up to 512, G from 1 to 8. Returns [B, H, G, D] in q's dtype.
 torch::Tensor paged_decode_quant(torch::Tensor q, torch::Tensor k_codes, torch::Tensor k_scales, torch::Tensor v_codes,
                                  torch::Tensor v_scales, torch::Tensor block_table, torch::Tensor lens,
-                                 torch::Tensor begins, int64_t kind, double sm_scale) {
+                                 torch::Tensor begins, int64_t key_codec, int64_t value_codec, double sm_scale) {
   TORCH_CHECK(q.dim() == 4, "q: [B, H, G, D]");
   const int64_t H = q.size(1), D = q.size(3);
   TORCH_CHECK(D % 16 == 0 && D <= 512, "head_dim a multiple of 16 up to 512");
-  TORCH_CHECK(kind >= 0 && kind <= 3, "kind: 0 int8, 1 int4, 2 fp8_e4m3, 3 fp8_e5m2");
-  const int64_t kDc = code_bytes(kind == 1 ? Q5 : kind, D), vDc = code_bytes(kind == 1 ? Q4 : kind, D);
+  const bool same = key_codec == value_codec && (key_codec == INT8 || key_codec == E4M3 || key_codec == E5M2);
+  TORCH_CHECK(same || (key_codec == Q5 && value_codec == Q4),
+              "codecs: int8 / int8, q5 / q4, e4m3 / e4m3 or e5m2 / e5m2 (keys / values)");
+  const int64_t kDc = code_bytes(key_codec, D), vDc = code_bytes(value_codec, D);
   for (const auto& [c, dc] : {std::pair{k_codes, kDc}, std::pair{v_codes, vDc}})
     TORCH_CHECK(c.is_contiguous() && c.dim() == 4 && c.element_size() == 1 && c.size(2) == H && c.size(3) == dc
                 && c.size(0) == k_codes.size(0) && c.size(1) == k_codes.size(1),
@@ -329,10 +333,10 @@ torch::Tensor paged_decode_quant(torch::Tensor q, torch::Tensor k_codes, torch::
           });
     };
     using std::integral_constant;
-    switch (kind) {
-      case 0: with_codecs(integral_constant<int, INT8>{}, integral_constant<int, INT8>{}); break;
-      case 1: with_codecs(integral_constant<int, Q5>{}, integral_constant<int, Q4>{}); break;
-      case 2: with_codecs(integral_constant<int, E4M3>{}, integral_constant<int, E4M3>{}); break;
+    switch (key_codec) {  // the value codec follows from the key's (checked above)
+      case INT8: with_codecs(integral_constant<int, INT8>{}, integral_constant<int, INT8>{}); break;
+      case Q5: with_codecs(integral_constant<int, Q5>{}, integral_constant<int, Q4>{}); break;
+      case E4M3: with_codecs(integral_constant<int, E4M3>{}, integral_constant<int, E4M3>{}); break;
       default: with_codecs(integral_constant<int, E5M2>{}, integral_constant<int, E5M2>{}); break;
     }
   });
@@ -468,8 +472,8 @@ def paged_decode_quant(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.T
     _check_codes(k_codes, fmt.key, "keys")
     _check_codes(v_codes, fmt.value, "values")
     return _load().paged_decode_quant(q, k_codes, k_scales, v_codes, v_scales, block_table, lens,
-                                      cpu_kernels.NO_BEGINS if begins is None else begins, FORMATS.index(fmt.name),
-                                      q.shape[-1] ** -0.5)
+                                      cpu_kernels.NO_BEGINS if begins is None else begins,
+                                      CODEC_IDS[fmt.key.name], CODEC_IDS[fmt.value.name], q.shape[-1] ** -0.5)
 
 
 def paged_decode_quant_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor,
