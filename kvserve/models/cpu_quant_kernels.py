@@ -48,7 +48,8 @@ from kvserve.models.cpu_kernels import build_extension
 FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")  # the KV formats the decode kernel reads
 # The row codecs by number, for the C++ side: its enum Codecs is written from this dict (INT8, Q4, E4M3, ...)
 CODEC_IDS = {"int8": 0, "q4": 1, "fp8_e4m3": 2, "fp8_e5m2": 3, "q5": 4}
-_CODEC_ENUM = "enum Codecs { " + ", ".join(f"{n.removeprefix('fp8_').upper()} = {i}" for n, i in CODEC_IDS.items()) + " };\n"
+_CODEC_ENUM = "enum Codecs { " + ", ".join(f"{n.removeprefix('fp8_').upper()} = {i}"
+                                           for n, i in CODEC_IDS.items()) + " };\n"
 
 _SOURCE = cpu_kernels.SHARED_CPP + _CODEC_ENUM + r"""
 #if defined(__F16C__) || defined(__AVX2__)
